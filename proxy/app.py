@@ -1,0 +1,161 @@
+"""Wiring: the server, the pipeline and the operator endpoints, and their lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Callable
+from typing import IO
+
+from prometheus_client import CollectorRegistry
+
+from proxy import __version__
+from proxy.config import Config, parse_listen
+from proxy.forward import Forwarder
+from proxy.log import Logger
+from proxy.metrics import Metrics
+from proxy.server import ClientConnection, Request, Server
+
+__all__ = ["Sidecar", "serve"]
+
+OPERATOR_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def _json_answer(status: int, payload: object, *, keep_alive: bool = True) -> bytes:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    reason = {200: b"OK", 405: b"Method Not Allowed"}.get(status, b"Service Unavailable")
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (status, reason, len(body), body)
+    )
+
+
+class Sidecar:
+    """One running sidecar: ``await start()``, then ``await stop()``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        log_stream: IO[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.log = Logger(
+            log_stream, level=config.log.level, access_log=config.log.access_log
+        )
+        self._clock = clock
+        self.started_at = clock()
+        self.forwarder: Forwarder | None = None
+        self.server: Server | None = None
+        self.port = 0
+        self._flusher: asyncio.TimerHandle | None = None
+
+    async def start(self) -> int:
+        """Listen on ``server.listen``; return the bound port."""
+        self.forwarder = Forwarder(self.config, metrics=self.metrics, logger=self.log)
+        s = self.config.server
+        self.server = Server(
+            self,
+            max_header_bytes=s.max_header_bytes,
+            max_body_bytes=s.max_body_bytes,
+            max_buffered_body=self.config.retry.max_replay_body,
+            header_timeout=s.header_timeout,
+            idle_timeout=s.idle_timeout,
+            operator_paths=OPERATOR_PATHS,
+        )
+        host, port = parse_listen(s.listen)
+        self.port = await self.server.start(host, port)
+        self.started_at = self._clock()
+        self._schedule_flush()
+        self.log.event(
+            "started",
+            version=__version__,
+            listen=f"{host}:{self.port}",
+            upstreams={n: p.origin.url for n, p in self.forwarder.pools.items()},
+        )
+        return self.port
+
+    def _schedule_flush(self) -> None:
+        self.log.flush()
+        loop = asyncio.get_running_loop()
+        self._flusher = loop.call_later(0.5, self._schedule_flush)
+
+    async def stop(self) -> bool:
+        """Stop accepting, finish in-flight requests within the grace period; True if clean."""
+        clean = True
+        if self.server is not None:
+            clean = await self.server.shutdown(self.config.server.shutdown_grace)
+        if self.forwarder is not None:
+            self.forwarder.close()
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self.log.event("stopped", clean=clean)
+        self.log.flush()
+        return clean
+
+    # -- Handler protocol (used by proxy.server) -------------------------------------------
+    def forward(self, request: Request, conn: ClientConnection):  # type: ignore[no-untyped-def]
+        """Hand a Stripe API request to the pipeline."""
+        assert self.forwarder is not None
+        return self.forwarder.forward(request, conn)
+
+    def operator(self, request: Request, path: str) -> bytes | None:
+        """Answer /health, /ready and /metrics (a HEAD gets the head alone)."""
+        if request.method not in ("GET", "HEAD"):
+            return _json_answer(405, {"error": {"type": "invalid_request_error", "code": "sidecar_method_not_allowed", "message": f"{path} answers GET only."}})
+        answer = self._operator(path)
+        if answer is not None and request.method == "HEAD":
+            answer = answer[: answer.index(b"\r\n\r\n") + 4]
+        return answer
+
+    def _operator(self, path: str) -> bytes | None:
+        if path == "/health":
+            return _json_answer(
+                200,
+                {
+                    "status": "ok",
+                    "version": __version__,
+                    "uptime_seconds": round(self._clock() - self.started_at, 3),
+                },
+            )
+        if path == "/ready":
+            draining = self.server is None or self.server.draining
+            payload = {"ready": not draining, "breakers": self._breaker_summary()}
+            return _json_answer(503 if draining else 200, payload)
+        if path == "/metrics":
+            body = self.metrics.render()
+            return (
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+            )
+        return None
+
+    def _breaker_summary(self) -> dict[str, str]:
+        if self.forwarder is None:
+            return {}
+        return {
+            scope: b.state.value
+            for scope, b in self.forwarder.breakers().items()
+            if b.state.value != "closed"
+        }
+
+
+async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -> int:
+    """Run the sidecar until SIGTERM/SIGINT; exit status 0 after a clean drain."""
+    sidecar = Sidecar(config)
+    port = await sidecar.start()
+    if ready is not None:
+        ready(port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await sidecar.stop()  # logs whether every in-flight request finished within the grace
+    return 0

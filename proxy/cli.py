@@ -1,0 +1,113 @@
+"""The ``stripe-sidecar`` command: serve, simulate, demo, check-config. The only place that exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from proxy import __version__
+from proxy.config import Config, load_config, with_overrides
+from proxy.errors import ConfigError
+
+__all__ = ["main"]
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed, asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)  # type: ignore[no-any-return]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stripe-sidecar",
+        description="A Stripe-aware sidecar proxy: safe retries, circuit breakers, rate limits.",
+    )
+    p.add_argument("--version", action="version", version=f"stripe-sidecar {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the sidecar")
+    serve.add_argument(
+        "--config",
+        default=os.environ.get("STRIPE_SIDECAR_CONFIG"),
+        help="YAML config file (env STRIPE_SIDECAR_CONFIG)",
+    )
+    serve.add_argument(
+        "--listen",
+        default=os.environ.get("STRIPE_SIDECAR_LISTEN"),
+        help="HOST:PORT to listen on (env STRIPE_SIDECAR_LISTEN; default 127.0.0.1:8080)",
+    )
+    serve.add_argument(
+        "--upstream",
+        default=os.environ.get("STRIPE_SIDECAR_UPSTREAM"),
+        help="send every Stripe host's traffic to this URL, e.g. a local simulator "
+        "(env STRIPE_SIDECAR_UPSTREAM; default: Stripe's own hosts)",
+    )
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("path")
+
+    sim = sub.add_parser("simulate", help="run the Stripe simulator (for tests and demos)")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=12111)
+    sim.add_argument("--profile", default="none", help="fault profile (none, bad_day, outage, ...)")
+    sim.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="show the sidecar against the simulator's faults")
+    demo.add_argument("--requests", type=int, default=600, help="payments per run")
+    demo.add_argument("--concurrency", type=int, default=20)
+    demo.add_argument("--profile", default="bad_day")
+    demo.add_argument("--seed", type=int, default=7)
+    return p
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    return with_overrides(config, listen=args.listen, upstream=args.upstream)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            load_config(args.path)
+            print(f"{args.path}: ok")
+            return 0
+        if args.command == "serve":
+            from proxy.app import serve
+
+            config = _load(args)
+            return _run(serve(config))
+        if args.command == "simulate":
+            from proxy.simulator import run_simulator
+
+            run_simulator(args.host, args.port, args.profile, args.seed)
+            return 0
+        if args.command == "demo":
+            from proxy.demo import run_demo
+
+            return _run(
+                run_demo(
+                    requests=args.requests,
+                    concurrency=args.concurrency,
+                    profile=args.profile,
+                    seed=args.seed,
+                )
+            )
+    except ConfigError as exc:
+        print(f"stripe-sidecar: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"stripe-sidecar: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2

@@ -1,0 +1,412 @@
+"""Configuration: frozen dataclasses, loaded from YAML with every problem reported at once.
+
+``load_config(path)`` returns a :class:`Config` or raises one :class:`~proxy.errors.ConfigError`
+whose ``problems`` name each bad value by its key path (``retry.max_attempts: -1 is not ...``)
+and each unknown key (``unknown key: retry.max_atempts (did you mean max_attempts?)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from proxy.breaker import BreakerSettings
+from proxy.errors import ConfigError
+from proxy.ratelimit import RateLimitSettings
+from proxy.retry import RetrySettings
+from proxy.routes import DEFAULT_ROUTES, HostRoute
+from proxy.upstream import Origin
+
+__all__ = [
+    "BulkheadSettings",
+    "Config",
+    "IdempotencySettings",
+    "LogSettings",
+    "OperationSettings",
+    "ServerSettings",
+    "UpstreamSettings",
+    "load_config",
+    "parse_listen",
+]
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """The listening side: where, and how strict at the door."""
+
+    listen: str = "127.0.0.1:8080"
+    max_header_bytes: int = 16384
+    max_body_bytes: int = 64 << 20
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0
+    shutdown_grace: float = 20.0
+    sidecar_headers: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """Where Stripe is and how connections to it are kept."""
+
+    hosts: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "api": "https://api.stripe.com",
+            "files": "https://files.stripe.com",
+            "connect": "https://connect.stripe.com",
+            "meter_events": "https://meter-events.stripe.com",
+        }
+    )
+    routes: tuple[HostRoute, ...] = DEFAULT_ROUTES
+    override: str | None = None
+    connect_timeout: float = 5.0
+    idle_timeout: float = 30.0
+    max_idle_per_host: int = 128
+    buffer_limit: int = 1 << 20
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BulkheadSettings:
+    """Bounds on requests in flight to Stripe, for the whole sidecar and per operation."""
+
+    enabled: bool = True
+    max_in_flight: int = 1024
+    max_in_flight_per_operation: int = 256
+    max_wait: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencySettings:
+    """Making POSTs safe to repeat."""
+
+    inject: bool = True
+    key_prefix: str = "sidecar-"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """Structured JSON logs on stdout."""
+
+    level: LogLevel = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class OperationSettings:
+    """Settings that may differ per operation (``POST /v1/payment_intents``)."""
+
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the sidecar is told."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    host_breaker: BreakerSettings = field(
+        default_factory=lambda: BreakerSettings(min_failing_operations=3, min_calls=50)
+    )
+    ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    bulkhead: BulkheadSettings = field(default_factory=BulkheadSettings)
+    idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    operations: Mapping[str, OperationSettings] = field(default_factory=dict)
+
+    def for_operation(self, operation: str) -> OperationSettings:
+        """The settings in force for one operation template."""
+        found = self.operations.get(operation)
+        if found is not None:
+            return found
+        return OperationSettings(retry=self.retry, breaker=self.breaker)
+
+    def origins(self) -> dict[str, Origin]:
+        """Upstream origin per host name, with ``upstream.override`` applied to all."""
+        up = self.upstream
+        return {
+            name: Origin.parse(up.override or url) for name, url in up.hosts.items()
+        }
+
+
+# -- value rules ------------------------------------------------------------------------------
+# Numbers must be >= 0 unless named here.
+_POSITIVE = {
+    "max_attempts",
+    "max_header_bytes",
+    "max_body_bytes",
+    "header_timeout",
+    "idle_timeout",
+    "connect_timeout",
+    "max_idle_per_host",
+    "buffer_limit",
+    "max_in_flight",
+    "max_in_flight_per_operation",
+    "attempt_timeout",
+    "deadline",
+    "window",
+    "budget_window",
+    "min_calls",
+    "consecutive_failures",
+    "half_open_probes",
+    "min_failing_operations",
+    "global_rate",
+    "global_burst",
+    "endpoint_rate",
+    "endpoint_burst",
+    "min_rate",
+    "open_duration",
+    "open_duration_max",
+    "slow_call_duration",
+}
+_RATIO = {"failure_rate", "slow_call_rate", "decrease_factor"}
+_METHODS = {"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "*"}
+
+
+def _check_number(name: str, value: float, where: str, problems: list[str]) -> None:
+    if name in _RATIO and not 0 < value <= 1:
+        problems.append(f"{where}: {value!r} is not a ratio in (0, 1]")
+    elif name in _POSITIVE and value <= 0:
+        problems.append(f"{where}: {value!r} is not a positive number")
+    elif value < 0:
+        problems.append(f"{where}: {value!r} is negative")
+
+
+def _type_name(tp: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(tp: Any, value: Any, where: str, name: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where, name, problems)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            problems.append(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, problems)  # type: ignore[arg-type]
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: {value!r} is not a boolean (true/false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: {value!r} is not an integer")
+            return value
+        _check_number(name, value, where, problems)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{where}: {value!r} is not a number")
+            return value
+        _check_number(name, float(value), where, problems)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: {value!r} is not a string")
+        return value
+    raise TypeError(f"no converter for {tp!r} at {where}")  # a programming error, not user input
+
+
+def _build(cls: type[Any], data: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a mapping, appending every problem found to ``problems``."""
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            suffix = f" (did you mean {hint[0]}?)" if hint else ""
+            problems.append(f"unknown key: {prefix + '.' if prefix else ''}{key}{suffix}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        special = _SPECIAL.get((cls, f.name))
+        if special is not None:
+            kwargs[f.name] = special(data[f.name], path, problems)
+        else:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], path, f.name, problems)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{where}: {exc}")
+        return cls()
+
+
+def _hosts(value: Any, where: str, problems: list[str]) -> Mapping[str, str]:
+    if not isinstance(value, dict) or not value:
+        problems.append(f"{where}: expected a mapping of host name to URL")
+        return UpstreamSettings().hosts
+    for name, url in value.items():
+        try:
+            Origin.parse(str(url))
+        except ValueError:
+            problems.append(f"{where}.{name}: {url!r} is not an http(s) URL")
+    if "api" not in value:
+        problems.append(f"{where}: must name the 'api' host")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _routes(value: Any, where: str, problems: list[str]) -> tuple[HostRoute, ...]:
+    if not isinstance(value, list):
+        problems.append(f"{where}: expected a list of {{method, prefix, host}}")
+        return DEFAULT_ROUTES
+    routes = []
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict) or set(item) != {"method", "prefix", "host"}:
+            problems.append(f"{at}: expected exactly the keys method, prefix, host")
+            continue
+        method, prefix, host = item["method"], item["prefix"], item["host"]
+        if method not in _METHODS:
+            problems.append(f"{at}.method: {method!r} is not an HTTP method or '*'")
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            problems.append(f"{at}.prefix: {prefix!r} must start with '/'")
+        routes.append(HostRoute(str(method), str(prefix), str(host)))
+    return tuple(routes)
+
+
+def _operations(value: Any, where: str, problems: list[str]) -> Mapping[str, Any]:
+    """Per-operation overrides: partial ``retry`` / ``breaker`` sections merged later."""
+    if not isinstance(value, dict):
+        problems.append(f"{where}: expected a mapping of operation to settings")
+        return {}
+    out: dict[str, Any] = {}
+    for op, body in value.items():
+        at = f"{where}.{op}"
+        method, _, path = str(op).partition(" ")
+        if method not in _METHODS or not path.startswith("/"):
+            problems.append(f"{at}: operation must look like 'POST /v1/payment_intents'")
+        if not isinstance(body, dict):
+            problems.append(f"{at}: expected a mapping with retry and/or breaker")
+            continue
+        for key in body:
+            if key not in ("retry", "breaker"):
+                problems.append(f"unknown key: {at}.{key}")
+        out[str(op)] = body
+    return out
+
+
+_SPECIAL: dict[tuple[type[Any], str], Any] = {
+    (UpstreamSettings, "hosts"): _hosts,
+    (UpstreamSettings, "routes"): _routes,
+    (Config, "operations"): _operations,
+}
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:8080`` for IPv6) into its parts; ValueError if malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _cross_checks(config: Config, problems: list[str]) -> None:
+    try:
+        parse_listen(config.server.listen)
+    except ValueError as exc:
+        problems.append(f"server.listen: {exc}")
+    if config.upstream.override is not None:
+        try:
+            Origin.parse(config.upstream.override)
+        except ValueError:
+            problems.append(f"upstream.override: {config.upstream.override!r} is not an http(s) URL")
+    for i, route in enumerate(config.upstream.routes):
+        if route.host not in config.upstream.hosts:
+            problems.append(f"upstream.routes[{i}].host: {route.host!r} is not in upstream.hosts")
+    sections: list[tuple[str, RetrySettings]] = [("retry", config.retry)]
+    sections += [(f"operations.{op}.retry", s.retry) for op, s in config.operations.items()]
+    for where, retry in sections:
+        if retry.base_delay > retry.max_delay:
+            problems.append(f"{where}.base_delay: {retry.base_delay} exceeds max_delay")
+        if retry.deadline >= 80:
+            problems.append(
+                f"{where}.deadline: {retry.deadline} must stay under the SDKs' 80 s timeout"
+            )
+
+
+def config_from_dict(data: Any, *, source: str = "config") -> Config:
+    """Build a :class:`Config` from parsed YAML; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    config: Config = _build(Config, data, "", problems)
+    if isinstance(config.operations, dict) and config.operations:
+        resolved: dict[str, OperationSettings] = {}
+        for op, body in config.operations.items():
+            retry = _merge(RetrySettings, config.retry, body.get("retry"), f"operations.{op}.retry", problems)
+            breaker = _merge(
+                BreakerSettings, config.breaker, body.get("breaker"), f"operations.{op}.breaker", problems
+            )
+            resolved[op] = OperationSettings(retry=retry, breaker=breaker)
+        config = dataclasses.replace(config, operations=resolved)
+    _cross_checks(config, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def _merge(cls: type[Any], base: Any, partial: Any, where: str, problems: list[str]) -> Any:
+    if partial is None:
+        return base
+    merged = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
+    if isinstance(partial, dict):
+        merged.update(partial)
+    return _build(cls, merged, where, problems)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read a YAML file into a :class:`Config` (``None``: the built-in defaults)."""
+    if path is None:
+        return Config()
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror}"], source) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError([f"{line}not valid YAML: {getattr(exc, 'problem', exc)}"], source) from None
+    return config_from_dict(data, source=source)
+
+
+def with_overrides(config: Config, *, listen: str | None, upstream: str | None) -> Config:
+    """Apply command-line / environment settings on top of a loaded config, validated."""
+    server = config.server
+    up = config.upstream
+    if listen is not None:
+        server = dataclasses.replace(server, listen=listen)
+    if upstream is not None:
+        up = dataclasses.replace(up, override=upstream)
+    config = dataclasses.replace(config, server=server, upstream=up)
+    problems: list[str] = []
+    _cross_checks(config, problems)
+    if problems:
+        raise ConfigError(problems, "command line")
+    return config

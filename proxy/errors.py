@@ -1,0 +1,51 @@
+"""The sidecar's exception tree and its Stripe-shaped error answers.
+
+Exceptions::
+
+    SidecarError                 base of everything the sidecar raises on purpose
+    ├── ConfigError              bad configuration; lists every problem with its key path
+    └── UpstreamError            an attempt to reach Stripe failed (kind: TransportError)
+
+Errors the sidecar answers itself are rendered by :func:`error_body` in Stripe's shape,
+``{"error": {"type": ..., "code": "sidecar_...", "message": ...}}``, so every SDK raises a
+clean, readable exception instead of a parse failure.
+"""
+
+from __future__ import annotations
+
+import json
+
+from proxy.classify import TransportError
+
+__all__ = ["ConfigError", "SidecarError", "UpstreamError", "error_body"]
+
+
+class SidecarError(Exception):
+    """Base class of the sidecar's own exceptions."""
+
+
+class ConfigError(SidecarError):
+    """A configuration was rejected; ``problems`` holds one line per problem, each with its key path."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+class UpstreamError(SidecarError):
+    """One attempt to reach the upstream failed before a complete answer arrived."""
+
+    def __init__(self, kind: TransportError, message: str, *, response_started: bool = False):
+        self.kind = kind
+        self.response_started = response_started
+        super().__init__(message)
+
+
+def error_body(code: str, message: str, *, type_: str = "api_error") -> bytes:
+    """Render a Stripe-shaped error body for an answer the sidecar produces itself."""
+    return json.dumps(
+        {"error": {"type": type_, "code": f"sidecar_{code}", "message": message}},
+        separators=(",", ":"),
+    ).encode()

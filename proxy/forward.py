@@ -1,0 +1,546 @@
+"""The pipeline for one Stripe API request: route, admit, make safe, attempt, answer, record.
+
+It coordinates and decides nothing itself: classification, retry policy, budget, breakers and
+the limiter are the pure modules; sockets are ``proxy.upstream`` and ``proxy.server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+
+from proxy.breaker import BreakerState, CircuitBreaker
+from proxy.bulkhead import Bulkhead, Compartment
+from proxy.classify import (
+    Outcome,
+    TransportError,
+    Verdict,
+    classify_response,
+    classify_transport_error,
+)
+from proxy.config import Config, OperationSettings
+from proxy.errors import UpstreamError
+from proxy.log import Logger
+from proxy.metrics import Metrics, OperationMetrics
+from proxy.ratelimit import RateLimiter
+from proxy.retry import RetryBudget, parse_retry_after, retry_delay, should_retry
+from proxy.routes import Router
+from proxy.server import ClientConnection, Request, error_response
+from proxy.upstream import Pool, Response
+
+__all__ = ["Forwarder"]
+
+_REPEATABLE = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+_NO_BODY_STATUS = frozenset({204, 304})
+_BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+class _Op:
+    """Everything resolved once per operation template."""
+
+    __slots__ = (
+        "breaker",
+        "compartment",
+        "json_name",
+        "metrics",
+        "name",
+        "pool",
+        "settings",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        pool: Pool,
+        settings: OperationSettings,
+        breaker: CircuitBreaker,
+        metrics: OperationMetrics,
+        compartment: Compartment,
+    ) -> None:
+        self.name = name
+        self.json_name = json.dumps(name)
+        self.pool = pool
+        self.settings = settings
+        self.breaker = breaker
+        self.metrics = metrics
+        self.compartment = compartment
+
+
+class _StreamSink:
+    """Writes a streamed upstream body to the client, chunk-framed when the length is unknown."""
+
+    __slots__ = ("_chunked", "_conn", "_keep_alive")
+
+    def __init__(self, conn: ClientConnection, chunked: bool, keep_alive: bool) -> None:
+        self._conn = conn
+        self._chunked = chunked
+        self._keep_alive = keep_alive
+
+    def body(self, chunk: bytes) -> None:
+        if self._chunked:
+            self._conn.start_stream(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self._conn.start_stream(chunk)
+
+    def end(self) -> None:
+        self._conn.end_stream(b"0\r\n\r\n" if self._chunked else b"", keep_alive=self._keep_alive)
+
+    def fail(self) -> None:
+        self._conn.abort()
+
+
+class Forwarder:
+    """Forwards Stripe API requests with Stripe-aware retries, breakers and limits."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics,
+        logger: Logger,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.log = logger
+        self._clock = clock
+        self._wall = wall
+        self._rand = rand
+        self._sleep = sleep
+        up = config.upstream
+        self.router = Router(up.routes)
+        self.pools = {
+            name: Pool(
+                origin,
+                connect_timeout=up.connect_timeout,
+                idle_timeout=up.idle_timeout,
+                max_idle=up.max_idle_per_host,
+                buffer_limit=up.buffer_limit,
+                ssl_context=_ssl_context(up.ca_file) if origin.scheme == "https" else None,
+                clock=clock,
+            )
+            for name, origin in config.origins().items()
+        }
+        self.host_breaker = CircuitBreaker(
+            config.host_breaker, clock, self._on_transition("upstream")
+        )
+        self._host_breaker_on = config.host_breaker.enabled
+        self.limiter = RateLimiter(config.ratelimit, clock) if config.ratelimit.enabled else None
+        r = config.retry
+        self.budget = RetryBudget(r.budget_ratio, r.budget_min_per_second, r.budget_window, clock)
+        b = config.bulkhead
+        self.bulkhead = Bulkhead(b.max_in_flight, b.max_wait) if b.enabled else None
+        self._sidecar_headers = config.server.sidecar_headers
+        self._inject = config.idempotency.inject
+        self._key_prefix = config.idempotency.key_prefix
+        self._ops: dict[str, _Op] = {}
+        self.in_flight = 0
+        metrics.breaker_state.labels("upstream").set(0)
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _on_transition(self, scope: str) -> Callable[[BreakerState, BreakerState], None]:
+        gauge = self.metrics.breaker_state.labels(scope)
+
+        def changed(old: BreakerState, new: BreakerState) -> None:
+            gauge.set(_BREAKER_GAUGE[new])
+            self.metrics.breaker_transitions.labels(scope, new.value).inc()
+            level = "warning" if new is BreakerState.OPEN else "info"
+            self.log.event(f"breaker_{new.value}", level, scope=scope, previous=old.value)
+
+        return changed
+
+    def _op(self, name: str, host: str) -> _Op:
+        op = self._ops.get(name)
+        if op is None:
+            settings = self.config.for_operation(name)
+            op = _Op(
+                name,
+                self.pools.get(host) or self.pools["api"],
+                settings,
+                CircuitBreaker(settings.breaker, self._clock, self._on_transition(name)),
+                self.metrics.operation(name),
+                Compartment(self.config.bulkhead.max_in_flight_per_operation),
+            )
+            self._ops[name] = op
+            self.metrics.breaker_state.labels(name).set(0)
+        return op
+
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """Every breaker by scope (``upstream`` for the host, then operations)."""
+        out = {"upstream": self.host_breaker}
+        out.update({name: op.breaker for name, op in self._ops.items()})
+        return out
+
+    def close(self) -> None:
+        """Close pooled upstream connections."""
+        for pool in self.pools.values():
+            pool.close()
+
+    # -- the pipeline ---------------------------------------------------------------------------
+    async def forward(self, req: Request, conn: ClientConnection) -> None:
+        """Handle one Stripe API request from admission to the log line."""
+        start = self._clock()
+        name, host = self.router.resolve(req.method, req.path)
+        op = self._ops.get(name) or self._op(name, host)
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            await self._forward(req, conn, op, start)
+        except Exception as exc:  # a bug must cost one request, never the connection loop
+            self.log.event("internal_error", "error", operation=op.name, error=repr(exc))
+            conn.finish(
+                error_response(500, "internal_error", "The sidecar failed to handle this request.", close=True),
+                keep_alive=False,
+            )
+            op.metrics.request(500, "internal_error", self._clock() - start)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+
+    async def _forward(self, req: Request, conn: ClientConnection, op: _Op, start: float) -> None:
+        settings = op.settings.retry
+        method = req.method
+        self.budget.record_request()
+
+        # admit: breakers (fail fast), rate limit, bulkhead
+        refusal = self._admit_breakers(op)
+        if refusal is not None:
+            self._answer_refusal(req, conn, op, start, refusal)
+            return
+        limiter = self.limiter
+        if limiter is not None:
+            wait = limiter.reserve(op.name)
+            if wait is None:
+                self._release_breakers(op)
+                self._answer_refusal(req, conn, op, start, "rate_limited")
+                return
+            if wait > 0:
+                op.metrics.limiter_wait(wait)
+                await self._sleep(wait)
+        bulkhead = self.bulkhead
+        if bulkhead is not None and not bulkhead.try_enter(op.compartment):
+            if not await bulkhead.enter(op.compartment):
+                self._release_breakers(op)
+                self._answer_refusal(req, conn, op, start, "bulkhead_full")
+                return
+
+        # idempotency: make a POST safe to repeat
+        injected: bytes | None = None
+        head_lines = req.head
+        replayable = req.source is None
+        if (
+            req.idempotency_key is None
+            and method == "POST"
+            and self._inject
+            and replayable
+            and not req.path.startswith("/oauth/")
+        ):
+            injected = (self._key_prefix + os.urandom(16).hex()).encode()
+            head_lines.append(b"Idempotency-Key: " + injected + b"\r\n")
+            op.metrics.key_injected()
+        has_key = injected is not None or req.idempotency_key is not None
+        pool = op.pool
+        body = req.body
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%b" % (
+            method.encode(),
+            req.target,
+            pool.origin.host_header,
+            b"".join(head_lines),
+        )
+        if req.source is not None:
+            head += b"Transfer-Encoding: chunked\r\n\r\n" if req.chunked else b"Content-Length: %d\r\n\r\n" % (req.content_length or 0)
+        elif body or method in ("POST", "PUT", "PATCH"):
+            head += b"Content-Length: %d\r\n\r\n" % len(body)
+        else:
+            head += b"\r\n"
+
+        # attempt loop
+        attempt = 0
+        resp: Response | None = None
+        error: UpstreamError | None = None
+        verdict: Verdict
+        retried_or_could = False
+        try:
+            while True:
+                attempt += 1
+                elapsed = self._clock() - start
+                timeout = min(settings.attempt_timeout, settings.deadline - elapsed)
+                t0 = self._clock()
+                try:
+                    if req.source is not None:
+                        resp = await self._attempt_streaming(pool, head, req, timeout)
+                    else:
+                        resp = await self._attempt(pool, head, body, method, has_key, timeout)
+                    error = None
+                    verdict = classify_response(
+                        resp.status,
+                        resp.should_retry,
+                        resp.rate_limited_reason,
+                        resp.body_bytes() if resp.status >= 400 and resp.complete else None,
+                    )
+                except UpstreamError as exc:
+                    resp, error = None, exc
+                    verdict = classify_transport_error(exc.kind)
+                duration = self._clock() - t0
+                op.metrics.attempt(verdict.outcome, duration)
+                failure = verdict.upstream_failure
+                if op.settings.breaker.enabled:
+                    op.breaker.record(failure, duration, op.name)
+                if self._host_breaker_on:
+                    self.host_breaker.record(failure, duration, op.name)
+                if verdict.outcome is Outcome.RATE_LIMITED and limiter is not None:
+                    limiter.on_rate_limited(op.name, resp.rate_limited_reason if resp else None)
+                if verdict.outcome is Outcome.SUCCESS or not verdict.retryable:
+                    break
+                can = should_retry(
+                    verdict,
+                    attempt=attempt,
+                    settings=settings,
+                    elapsed=self._clock() - start,
+                    has_idempotency_key=has_key,
+                    method=method,
+                    body_replayable=replayable and (resp is None or resp.complete),
+                )
+                if not can:
+                    retried_or_could = attempt > 1 or (
+                        settings.enabled and replayable and (has_key or method in _REPEATABLE)
+                    )
+                    break
+                retried_or_could = True
+                if conn.closed:
+                    break
+                if not self.budget.try_acquire():
+                    op.metrics.budget_exhausted()
+                    break
+                retry_after = parse_retry_after(resp.retry_after, self._wall()) if resp else None
+                delay = retry_delay(verdict, attempt, retry_after, settings, self._rand)
+                if self._clock() - start + delay >= settings.deadline:
+                    break
+                if self._admit_breakers(op) is not None:
+                    break  # the breaker opened meanwhile: answer with what we have
+                if limiter is not None:
+                    wait = limiter.reserve(op.name)
+                    if wait is None:
+                        self._release_breakers(op)
+                        break
+                    delay = max(delay, wait)
+                op.metrics.retry(verdict.outcome)
+                self.log.event(
+                    "retry_scheduled",
+                    operation=op.name,
+                    outcome=verdict.outcome.value,
+                    attempt=attempt,
+                    delay_ms=round(delay * 1000, 1),
+                )
+                if resp is not None:
+                    resp.discard()
+                    resp = None
+                if delay > 0:
+                    await self._sleep(delay)
+        finally:
+            if bulkhead is not None:
+                bulkhead.leave(op.compartment)
+
+        # respond
+        if resp is not None:
+            status = resp.status
+            self._answer(req, conn, resp, verdict, attempt, injected, retried_or_could)
+        else:
+            assert error is not None
+            status = self._answer_error(req, conn, error, verdict, attempt, injected, retried_or_could)
+
+        # record
+        duration = self._clock() - start
+        op.metrics.request(status, verdict.outcome, duration)
+        if self.log.access_enabled:
+            self.log.access(
+                op.json_name,
+                status,
+                verdict.outcome,
+                attempt,
+                duration,
+                resp.request_id if resp is not None else None,
+                injected is not None,
+            )
+
+    async def _attempt(
+        self, pool: Pool, head: bytes, body: bytes, method: str, has_key: bool, timeout: float
+    ) -> Response:
+        """One attempt with a buffered body; a stale pooled connection is replaced once."""
+        conn = await pool.acquire()
+        loop = pool.loop
+        timer = loop.call_later(timeout, conn.on_timeout)
+        try:
+            try:
+                return await conn.send(head, body, method == "HEAD")
+            except UpstreamError as exc:
+                # The server closed a pooled connection just as we reused it: nothing was
+                # answered, so a repeatable request goes again at once on a fresh connection.
+                if (
+                    not conn.reused
+                    or exc.response_started
+                    or exc.kind is TransportError.TIMEOUT
+                    or not (has_key or method in _REPEATABLE)
+                ):
+                    raise
+            timer.cancel()
+            fresh = await pool.connect()
+            timer = loop.call_later(timeout, fresh.on_timeout)
+            return await fresh.send(head, body, method == "HEAD")
+        finally:
+            timer.cancel()
+
+    async def _attempt_streaming(
+        self, pool: Pool, head: bytes, req: Request, timeout: float
+    ) -> Response:
+        """The single attempt of a request whose body is forwarded while it arrives."""
+        assert req.source is not None
+        conn = await pool.connect()  # never a possibly-stale pooled one: the body cannot be resent
+        timer = pool.loop.call_later(timeout, conn.on_timeout)
+        try:
+            return await conn.send_streaming(head, req.source, req.method == "HEAD")
+        finally:
+            timer.cancel()
+
+    # -- admission helpers --------------------------------------------------------------------
+    def _admit_breakers(self, op: _Op) -> str | None:
+        if op.settings.breaker.enabled and not op.breaker.try_acquire():
+            return "circuit_open"
+        if self._host_breaker_on and not self.host_breaker.try_acquire():
+            if op.settings.breaker.enabled:
+                op.breaker.release()
+            return "circuit_open"
+        return None
+
+    def _release_breakers(self, op: _Op) -> None:
+        if op.settings.breaker.enabled:
+            op.breaker.release()
+        if self._host_breaker_on:
+            self.host_breaker.release()
+
+    # -- answers ----------------------------------------------------------------------------------
+    def _sidecar_lines(
+        self, attempts: int, outcome: str, injected: bytes | None, echoed: bool
+    ) -> bytes:
+        if not self._sidecar_headers:
+            return b""
+        lines = b"Sidecar-Attempts: %d\r\nSidecar-Outcome: %s\r\n" % (attempts, outcome.encode())
+        if injected is not None and not echoed:
+            lines += b"Idempotency-Key: " + injected + b"\r\n"
+        return lines
+
+    def _answer(
+        self,
+        req: Request,
+        conn: ClientConnection,
+        resp: Response,
+        verdict: Verdict,
+        attempts: int,
+        injected: bytes | None,
+        gave_up: bool,
+    ) -> None:
+        headers = resp.headers
+        if gave_up and verdict.retryable:
+            # The sidecar already retried (or chose not to): an SDK retrying on top would
+            # multiply the load on Stripe, so say so.
+            headers = [h for h in headers if not h[:20].lower().startswith(b"stripe-should-retry:")]
+            headers.append(b"Stripe-Should-Retry: false\r\n")
+        keep_alive = req.keep_alive and (req.source is None or req.source.done)
+        head = b"HTTP/1.1 %d %s\r\n%b%b" % (
+            resp.status,
+            resp.reason,
+            b"".join(headers),
+            self._sidecar_lines(attempts, verdict.outcome, injected, resp.idempotency_key is not None),
+        )
+        status = resp.status
+        if req.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
+            if resp.content_length is not None and status != 204:
+                head += b"Content-Length: %d\r\n" % resp.content_length
+            conn.finish(head + b"\r\n", keep_alive=keep_alive)
+            resp.discard()
+            return
+        if resp.complete:
+            body = resp.body_bytes()
+            conn.finish(head + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), keep_alive=keep_alive)
+            return
+        # A large answer: stream it, framed by the upstream's length or re-chunked.
+        if resp.content_length is not None:
+            conn.start_stream(head + b"Content-Length: %d\r\n\r\n" % resp.content_length)
+            sink = _StreamSink(conn, chunked=False, keep_alive=keep_alive)
+        else:
+            conn.start_stream(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            sink = _StreamSink(conn, chunked=True, keep_alive=keep_alive)
+        conn.set_streaming(resp)
+        resp.stream(sink)
+
+    def _answer_error(
+        self,
+        req: Request,
+        conn: ClientConnection,
+        error: UpstreamError,
+        verdict: Verdict,
+        attempts: int,
+        injected: bytes | None,
+        gave_up: bool,
+    ) -> int:
+        if verdict.outcome is Outcome.TIMEOUT:
+            status, code = 504, "upstream_timeout"
+            message = f"Stripe did not answer in time ({attempts} attempt(s))."
+        else:
+            status, code = 502, "upstream_unreachable"
+            message = f"Stripe could not be reached ({attempts} attempt(s)): {error}."
+        extra = self._sidecar_lines(attempts, verdict.outcome, injected, False)
+        if gave_up:
+            extra += b"Stripe-Should-Retry: false\r\n"
+        conn.finish(
+            error_response(status, code, message, extra=extra, close=not req.keep_alive),
+            keep_alive=req.keep_alive and (req.source is None or req.source.done),
+        )
+        return status
+
+    def _answer_refusal(
+        self, req: Request, conn: ClientConnection, op: _Op, start: float, reason: str
+    ) -> None:
+        op.metrics.fail_fast(reason)
+        if reason == "circuit_open":
+            wait = max(op.breaker.retry_after(), self.host_breaker.retry_after())
+            status, type_, message = 503, "api_error", (
+                f"The circuit breaker for {op.name} is open after repeated upstream failures; "
+                f"failing fast. Try again in {wait:.1f} s."
+            )
+        elif reason == "rate_limited":
+            wait = self.config.ratelimit.max_wait
+            status, type_, message = 429, "invalid_request_error", (
+                "The sidecar's client-side rate limit for this operation is exhausted; "
+                "this request was not sent to Stripe."
+            )
+        else:
+            wait = 1.0
+            status, type_, message = 503, "api_error", (
+                "Too many requests are in flight to Stripe; this request was not sent."
+            )
+        extra = b"Retry-After: %d\r\nStripe-Should-Retry: false\r\n" % max(1, math.ceil(wait))
+        if self._sidecar_headers:
+            extra += b"Sidecar-Attempts: 0\r\nSidecar-Outcome: %s\r\n" % reason.encode()
+        keep_alive = req.keep_alive and (req.source is None or req.source.done)
+        conn.finish(
+            error_response(status, reason, message, type_=type_, extra=extra, close=not keep_alive),
+            keep_alive=keep_alive,
+        )
+        duration = self._clock() - start
+        op.metrics.request(status, reason, duration)
+        if self.log.access_enabled:
+            self.log.access(op.json_name, status, reason, 0, duration, None, False)
+
+
+def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file)

@@ -1,0 +1,104 @@
+"""Structured JSON logs: one object per line, one event per thing that happened.
+
+Secrets never reach this module: callers pass operations, outcomes and Stripe request IDs, never
+headers. As a second line of defence, any string that looks like a Stripe API key is masked.
+Lines are buffered and flushed at least every ``flush_interval`` seconds, so the hot path pays
+for a string format, not a syscall.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from typing import IO, Any
+
+__all__ = ["Logger", "redact"]
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_KEY = re.compile(r"\b((?:sk|rk|pk)_(?:live|test)_)[A-Za-z0-9]+|(Bearer|Basic)\s+[A-Za-z0-9+/=._-]+")
+
+
+def redact(text: str) -> str:
+    """Mask anything shaped like a Stripe API key or an Authorization value."""
+    return _KEY.sub(lambda m: (m.group(1) or m.group(2) + " ") + "[redacted]", text)
+
+
+class Logger:
+    """Writes JSON events to a stream (stdout by default)."""
+
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        *,
+        level: str = "info",
+        access_log: bool = True,
+        flush_interval: float = 0.5,
+        clock: Any = time.time,
+    ) -> None:
+        self._stream = stream if stream is not None else sys.stdout
+        self._min = _LEVELS[level]
+        self.access_enabled = access_log and self._min <= _LEVELS["info"]
+        self._clock = clock
+        self._buf: list[str] = []
+        self._flush_interval = flush_interval
+        self._last_flush = 0.0
+        self._sec = -1
+        self._sec_text = ""
+
+    def _ts(self) -> str:
+        now = self._clock()
+        sec = int(now)
+        if sec != self._sec:
+            self._sec = sec
+            self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._sec_text}.{int((now - sec) * 1000):03d}Z"
+
+    def event(self, event: str, level: str = "info", **fields: Any) -> None:
+        """Log one event with its fields (strings are redacted)."""
+        if _LEVELS[level] < self._min:
+            return
+        record: dict[str, Any] = {"ts": self._ts(), "level": level, "event": event}
+        for key, value in fields.items():
+            record[key] = redact(value) if isinstance(value, str) else value
+        self._write(json.dumps(record, separators=(",", ":"), default=str))
+        self.flush()
+
+    def access(
+        self,
+        operation: str,
+        status: int,
+        outcome: str,
+        attempts: int,
+        duration: float,
+        request_id: str | None,
+        idempotency_key_injected: bool,
+    ) -> None:
+        """The one line per request; ``operation`` arrives JSON-encoded (quoted) already."""
+        rid = json.dumps(request_id) if request_id is not None else "null"
+        self._write(
+            f'{{"ts":"{self._ts()}","level":"info","event":"request","operation":{operation},'
+            f'"status":{status},"outcome":"{outcome}","attempts":{attempts},'
+            f'"duration_ms":{duration * 1000:.2f},"request_id":{rid},'
+            f'"key_injected":{"true" if idempotency_key_injected else "false"}}}'
+        )
+
+    def _write(self, line: str) -> None:
+        self._buf.append(line)
+        now = time.monotonic()
+        if now - self._last_flush >= self._flush_interval or len(self._buf) >= 512:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Write buffered lines out."""
+        self._last_flush = time.monotonic() if now is None else now
+        if not self._buf:
+            return
+        data = "\n".join(self._buf) + "\n"
+        self._buf.clear()
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stdout must not take requests down with it

@@ -1,0 +1,577 @@
+"""The accept stage: an asyncio protocol that reads HTTP/1.1 requests with httptools (llhttp).
+
+It is strict at the door: only origin-form targets under Stripe's API prefixes (or the operator
+endpoints) get in; ambiguous framing, oversized heads and bodies, slow heads and dot segments are
+answered here with a Stripe-shaped error and never forwarded. Everything else becomes a
+:class:`Request` handed to the pipeline (``proxy.forward``), which answers through the
+connection's ``respond``/``start_stream`` methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import httptools
+
+from proxy.errors import error_body
+
+__all__ = ["ClientConnection", "Handler", "Request", "Server", "error_response"]
+
+_STATUS_TEXT = {
+    100: b"Continue",
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+# Request headers that describe one hop (RFC 9110 7.6.1) or that the sidecar sets itself.
+_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+    }
+)
+_API_PREFIXES = ("/v1/", "/v2/", "/oauth/")
+# Dot segments (raw or percent-encoded), encoded slashes/backslashes, NUL, backslash: a target
+# that a server behind Stripe's edge could normalise into somewhere else is refused outright.
+_UNSAFE_PATH = re.compile(
+    r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)|%2f|%5c|%00|\\|[\x00-\x20\x7f]", re.IGNORECASE
+)
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    type_: str = "api_error",
+    extra: bytes = b"",
+    close: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 answer carrying a Stripe-shaped error body."""
+    body = error_body(code, message, type_=type_)
+    reason = _STATUS_TEXT.get(status, b"Error")
+    conn = b"Connection: close\r\n" if close else b""
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b%b\r\n%b"
+        % (status, reason, len(body), extra, conn, body)
+    )
+
+
+class Request:
+    """One request as read at the door; ``head`` holds the header lines to pass upstream."""
+
+    __slots__ = (
+        "authorization",
+        "body",
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "head",
+        "idempotency_key",
+        "keep_alive",
+        "method",
+        "path",
+        "source",
+        "target",
+    )
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.target = b""
+        self.path = ""
+        self.head: list[bytes] = []
+        self.body = b""
+        self.source: BodyStream | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.keep_alive = True
+        self.idempotency_key: bytes | None = None
+        self.authorization: bytes | None = None
+
+
+class BodyStream:
+    """A request body forwarded while it arrives; pauses the client when it runs ahead."""
+
+    _HIGH = 256 * 1024
+
+    def __init__(self, conn: ClientConnection, chunked: bool) -> None:
+        self._conn = conn
+        self.chunked = chunked
+        self._parts: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._done = False
+        self._failed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        """Called by the parser with the next piece."""
+        self._parts.append(chunk)
+        self._size += len(chunk)
+        if self._size > self._HIGH:
+            self._conn.pause_reading()
+        self._wake()
+
+    @property
+    def done(self) -> bool:
+        """The whole body has arrived (so the connection can carry another request)."""
+        return self._done and not self._failed
+
+    def finish(self, failed: bool = False) -> None:
+        """The body is complete (or the client went away: ``failed``)."""
+        self._done = True
+        self._failed = failed
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._parts:
+                chunk = self._parts.popleft()
+                self._size -= len(chunk)
+                if self._size <= self._HIGH // 2:
+                    self._conn.resume_reading()
+                yield chunk
+            if self._done:
+                if self._failed:
+                    raise ConnectionResetError("client went away mid-body")
+                return
+            self._waiter = loop.create_future()
+            await self._waiter
+
+
+class Handler(Protocol):
+    """What the server hands complete requests to."""
+
+    def forward(self, request: Request, conn: ClientConnection) -> Awaitable[None]:
+        """Send a Stripe API request upstream and answer the client."""
+        ...
+
+    def operator(self, request: Request, path: str) -> bytes | None:
+        """Answer an operator endpoint (``/health``...), or None if ``path`` is not one."""
+        ...
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to refuse the request with a ready answer."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+
+
+class Server:
+    """Listens, tracks connections, and shuts down gracefully."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_header_bytes: int,
+        max_body_bytes: int,
+        max_buffered_body: int,
+        header_timeout: float,
+        idle_timeout: float,
+        operator_paths: frozenset[str],
+    ) -> None:
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self.max_buffered_body = max_buffered_body
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.operator_paths = operator_paths
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self._server: asyncio.base_events.Server | None = None
+        self._idle_event: asyncio.Event | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Start listening; return the bound port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def busy(self) -> int:
+        """Connections with a request in progress."""
+        return sum(1 for c in self.connections if c.busy)
+
+    async def shutdown(self, grace: float) -> bool:
+        """Stop accepting, let in-flight requests finish for up to ``grace`` s; True if all did."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self._idle_event = asyncio.Event()
+        while self.busy and loop.time() < deadline:
+            self._idle_event.clear()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await self._idle_event.wait()
+            except TimeoutError:
+                break
+        clean = self.busy == 0
+        for conn in list(self.connections):
+            conn.close()
+        return clean
+
+    def connection_idle(self) -> None:
+        """A connection finished a request (wakes a waiting shutdown)."""
+        if self._idle_event is not None:
+            self._idle_event.set()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parse, police, queue, answer in order."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._req: Request | None = None
+        self._url = b""
+        self._head_bytes = 0
+        self._body_bytes = 0
+        self._body_parts: list[bytes] = []
+        self._queue: collections.deque[Request] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_idle = False  # the timer is the keep-alive idle one, not the head one
+        self._reading_paused = False
+        self._write_paused = False
+        self._streaming: Any = None
+        self.busy = False
+        self.closed = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._server.connections.add(self)
+        if self._server.draining:
+            self.close()
+            return
+        self._timer = self._loop.call_later(self._server.header_timeout, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except _Reject as rej:
+            self._refuse(rej.answer)
+        except httptools.HttpParserUpgrade:
+            self._refuse(error_response(400, "upgrade_refused", "Protocol upgrades are not supported.", type_="invalid_request_error", close=True))
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._refuse(cause.answer)
+                return
+            self._refuse(
+                error_response(
+                    400,
+                    "malformed_request",
+                    f"The request could not be parsed as HTTP/1.1: {exc}.",
+                    type_="invalid_request_error",
+                    close=True,
+                )
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        self._server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        req = self._req
+        if req is not None and req.source is not None:
+            req.source.finish(failed=True)
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+        streaming = self._streaming
+        if streaming is not None:
+            streaming.discard()
+        if self.busy:
+            self.busy = False
+            self._server.connection_idle()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._streaming is not None:
+            self._streaming.conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._streaming is not None:
+            self._streaming.conn.resume_reading()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    # -- flow control -------------------------------------------------------------------------
+    def pause_reading(self) -> None:
+        """Stop reading from the client (body or pipelined requests running ahead)."""
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read from the client again."""
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # -- httptools callbacks --------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._req = Request()
+        self._url = b""
+        self._head_bytes = 0
+        self._body_bytes = 0
+        self._body_parts = []
+        if self._timer_idle:
+            assert self._timer is not None
+            self._timer.cancel()
+            self._timer = None
+            self._timer_idle = False
+        if self._timer is None:
+            # Slowloris guard: the whole head must arrive within header_timeout.
+            self._timer = self._loop.call_later(self._server.header_timeout, self._head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self._server.max_header_bytes:
+            raise _Reject(self._too_large_head())
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._server.max_header_bytes:
+            raise _Reject(self._too_large_head())
+        req = self._req
+        assert req is not None
+        lname = name.lower()
+        if lname in _DROP:
+            if lname == b"content-length":
+                if req.content_length is not None:
+                    raise _Reject(self._framing("more than one Content-Length"))
+                if not value.isdigit():
+                    raise _Reject(self._framing("a Content-Length that is not a number"))
+                req.content_length = int(value)
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked" or req.chunked:
+                    raise _Reject(self._framing("a Transfer-Encoding other than one 'chunked'"))
+                req.chunked = True
+            elif lname == b"expect":
+                req.expect_continue = value.strip().lower() == b"100-continue"
+            return
+        if lname == b"idempotency-key":
+            req.idempotency_key = value
+        elif lname == b"authorization":
+            req.authorization = value
+        req.head.append(name + b": " + value + b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        req = self._req
+        assert req is not None
+        parser = self._parser
+        req.method = parser.get_method().decode("ascii")
+        req.keep_alive = parser.should_keep_alive()
+        if req.chunked and req.content_length is not None:
+            raise _Reject(self._framing("both Content-Length and Transfer-Encoding"))
+        target = self._url
+        req.target = target
+        server = self._server
+        if req.method == "CONNECT":
+            raise _Reject(error_response(405, "method_not_allowed", "CONNECT is not supported: this is not an open proxy.", type_="invalid_request_error", close=True))
+        if not target.startswith(b"/"):
+            raise _Reject(error_response(400, "absolute_target_refused", "Only origin-form request targets (/v1/...) are accepted: this is not an open proxy.", type_="invalid_request_error", close=True))
+        path = target.split(b"?", 1)[0].decode("latin-1")
+        req.path = path
+        if not path.startswith(_API_PREFIXES) and path not in server.operator_paths:
+            raise _Reject(error_response(404, "not_a_stripe_path", f"Unrecognized request URL ({req.method}: {_printable(path)}). The sidecar forwards only Stripe API paths (/v1/, /v2/, /oauth/).", type_="invalid_request_error", close=True))
+        if _UNSAFE_PATH.search(path):
+            raise _Reject(error_response(400, "unsafe_path", "The request path contains dot segments, encoded slashes or control characters, which are refused.", type_="invalid_request_error", close=True))
+        length = req.content_length
+        if length is not None and length > server.max_body_bytes:
+            raise _Reject(error_response(413, "body_too_large", f"The request body ({length} bytes) exceeds the sidecar's limit of {server.max_body_bytes} bytes.", type_="invalid_request_error", close=True))
+        if req.chunked or (length is not None and length > server.max_buffered_body):
+            # Too large (or of unknown size) to hold for a retry: forward while it arrives.
+            req.source = BodyStream(self, req.chunked)
+            if req.expect_continue and not self.busy:
+                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._enqueue(req)
+        elif req.expect_continue and not self.busy and length:
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, chunk: bytes) -> None:
+        self._body_bytes += len(chunk)
+        req = self._req
+        assert req is not None
+        if self._body_bytes > self._server.max_body_bytes:
+            raise _Reject(error_response(413, "body_too_large", f"The request body exceeds the sidecar's limit of {self._server.max_body_bytes} bytes.", type_="invalid_request_error", close=True))
+        if req.source is not None:
+            req.source.feed(chunk)
+        else:
+            self._body_parts.append(chunk)
+
+    def on_message_complete(self) -> None:
+        req = self._req
+        assert req is not None
+        self._req = None
+        if req.source is not None:
+            req.source.finish()
+            return
+        parts = self._body_parts
+        if parts:
+            req.body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._enqueue(req)
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def _enqueue(self, req: Request) -> None:
+        if self.busy:
+            self._queue.append(req)
+            self.pause_reading()  # pipelined: hold the rest until the earlier answers are out
+            return
+        self._start(req)
+
+    def _start(self, req: Request) -> None:
+        self.busy = True
+        if req.path in self._server.operator_paths:
+            answer = self._server.handler.operator(req, req.path)
+            if answer is not None:
+                self.finish(answer, keep_alive=req.keep_alive)
+                return
+        self._loop.create_task(self._server.handler.forward(req, self))
+
+    # -- answering (used by the pipeline) ------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def finish(self, data: bytes, *, keep_alive: bool) -> None:
+        """Write a complete answer and move on to the next request (or close)."""
+        if self.transport is not None:
+            self.transport.write(data)
+        self._done(keep_alive)
+
+    def start_stream(self, head: bytes) -> None:
+        """Write the head of an answer whose body follows through ``stream_*``."""
+        self._write(head)
+
+    def set_streaming(self, response: Any) -> None:
+        """The upstream answer being streamed (for backpressure and cleanup)."""
+        self._streaming = response
+
+    async def drain(self) -> None:
+        """Wait until the client has taken what was written (flow control)."""
+        if self._write_paused and not self.closed:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def end_stream(self, tail: bytes, *, keep_alive: bool) -> None:
+        """The streamed answer is complete."""
+        self._streaming = None
+        self.finish(tail, keep_alive=keep_alive)
+
+    def abort(self) -> None:
+        """The answer cannot be completed: cut the connection so the client sees a broken answer."""
+        self._streaming = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _done(self, keep_alive: bool) -> None:
+        self.busy = False
+        self._server.connection_idle()
+        if not keep_alive or self._server.draining or self.closed:
+            self.close()
+            return
+        if self._queue:
+            self._start(self._queue.popleft())
+            return
+        self.resume_reading()
+        if self._timer is None and self._req is None:
+            self._timer = self._loop.call_later(self._server.idle_timeout, self._idle_timeout)
+            self._timer_idle = True
+
+    def close(self) -> None:
+        """Close after what was written has been sent."""
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    # -- refusals -----------------------------------------------------------------------------
+    def _refuse(self, answer: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._queue.clear()
+        self._req = None
+        if self.transport is not None and not self.busy:
+            self.transport.write(answer)
+        self.close()
+
+    def _too_large_head(self) -> bytes:
+        return error_response(431, "headers_too_large", f"The request line and headers exceed the sidecar's limit of {self._server.max_header_bytes} bytes.", type_="invalid_request_error", close=True)
+
+    @staticmethod
+    def _framing(what: str) -> bytes:
+        return error_response(400, "ambiguous_framing", f"The request has {what}; refused because its framing is ambiguous.", type_="invalid_request_error", close=True)
+
+    def _head_timeout(self) -> None:
+        self._timer = None
+        if self._req is not None or not self.busy:
+            started = self._req is not None
+            self._refuse(error_response(408, "header_timeout", "The request headers did not arrive in time.", type_="invalid_request_error", close=True) if started else b"")
+
+    def _idle_timeout(self) -> None:
+        self._timer = None
+        self._timer_idle = False
+        if not self.busy and self._req is None:
+            self.close()
+
+
+def _printable(path: str) -> str:
+    return path[:200].encode("ascii", "backslashreplace").decode("ascii")
+
+
+Forward = Callable[[Request, ClientConnection], Awaitable[None]]
