@@ -158,7 +158,6 @@ _POSITIVE = {
     "window",
     "budget_window",
     "min_calls",
-    "consecutive_failures",
     "half_open_probes",
     "min_failing_operations",
     "global_rate",
@@ -170,7 +169,7 @@ _POSITIVE = {
     "open_duration_max",
     "slow_call_duration",
 }
-_RATIO = {"failure_rate", "slow_call_rate", "decrease_factor"}
+_RATIO = {"failure_rate", "decrease_factor"}
 _METHODS = {"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "*"}
 
 
@@ -247,10 +246,14 @@ def _build(cls: type[Any], data: Any, prefix: str, problems: list[str]) -> Any:
             continue
         path = f"{prefix}.{f.name}" if prefix else f.name
         special = _SPECIAL.get((cls, f.name))
+        before = len(problems)
         if special is not None:
-            kwargs[f.name] = special(data[f.name], path, problems)
+            value = special(data[f.name], path, problems)
         else:
-            kwargs[f.name] = _convert(hints[f.name], data[f.name], path, f.name, problems)
+            value = _convert(hints[f.name], data[f.name], path, f.name, problems)
+        if len(problems) == before or special is not None or dataclasses.is_dataclass(value):
+            kwargs[f.name] = value  # a rejected value falls back to the default
+
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -267,9 +270,8 @@ def _hosts(value: Any, where: str, problems: list[str]) -> Mapping[str, str]:
             Origin.parse(str(url))
         except ValueError:
             problems.append(f"{where}.{name}: {url!r} is not an http(s) URL")
-    if "api" not in value:
-        problems.append(f"{where}: must name the 'api' host")
-    return {str(k): str(v) for k, v in value.items()}
+    # Named hosts replace the defaults one by one; the others stay Stripe's.
+    return {**UpstreamSettings().hosts, **{str(k): str(v) for k, v in value.items()}}
 
 
 def _routes(value: Any, where: str, problems: list[str]) -> tuple[HostRoute, ...]:

@@ -53,6 +53,7 @@ _DROP = frozenset(
         b"expect",
     }
 )
+_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b""})
 _API_PREFIXES = ("/v1/", "/v2/", "/oauth/")
 # Dot segments (raw or percent-encoded), encoded slashes/backslashes, NUL, backslash: a target
 # that a server behind Stripe's edge could normalise into somewhere else is refused outright.
@@ -268,6 +269,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._body_bytes = 0
         self._body_parts: list[bytes] = []
+        self._hop_names: set[bytes] = set()
         self._queue: collections.deque[Request] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_idle = False  # the timer is the keep-alive idle one, not the head one
@@ -399,6 +401,11 @@ class ClientConnection(asyncio.Protocol):
                 req.chunked = True
             elif lname == b"expect":
                 req.expect_continue = value.strip().lower() == b"100-continue"
+            elif lname == b"connection":
+                tokens = {t.strip() for t in value.lower().split(b",")} - _CONNECTION_OPTIONS
+                if tokens:
+                    # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+                    self._hop_names |= tokens
             return
         if lname == b"idempotency-key":
             req.idempotency_key = value
@@ -417,6 +424,10 @@ class ClientConnection(asyncio.Protocol):
         req.keep_alive = parser.should_keep_alive()
         if req.chunked and req.content_length is not None:
             raise _Reject(self._framing("both Content-Length and Transfer-Encoding"))
+        if self._hop_names:
+            hop = self._hop_names
+            req.head = [h for h in req.head if h.split(b":", 1)[0].lower() not in hop]
+            self._hop_names = set()
         target = self._url
         req.target = target
         server = self._server

@@ -1,0 +1,64 @@
+"""Shared fixtures: a sidecar on a loopback port, pointed at whatever upstream a test starts."""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from proxy.app import Sidecar
+from proxy.config import config_from_dict
+from rawupstream import Answer, RawUpstream, Received
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture
+async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
+    """Start sidecars (``await make_sidecar(upstream_url, **sections)``); stopped at the end."""
+    started: list[Sidecar] = []
+
+    async def make(upstream_url: str | None, **sections: Any) -> Sidecar:
+        data = _merge(
+            {
+                "server": {"listen": "127.0.0.1:0", "shutdown_grace": 2.0},
+                "upstream": {"override": upstream_url},
+                "ratelimit": {"enabled": False},
+            },
+            sections,
+        )
+        sidecar = Sidecar(config_from_dict(data), log_stream=io.StringIO())
+        await sidecar.start()
+        sidecar.url = f"http://127.0.0.1:{sidecar.port}"  # type: ignore[attr-defined]
+        started.append(sidecar)
+        return sidecar
+
+    yield make
+    for s in started:
+        await s.stop()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[Callable[[Received], Answer]], Any]]:
+    """Start scriptable raw upstreams (``await raw_upstream(handler)``); stopped at the end."""
+    started: list[RawUpstream] = []
+
+    async def make(handler: Callable[[Received], Answer]) -> RawUpstream:
+        up = await RawUpstream(handler).start()
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        await up.stop()

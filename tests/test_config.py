@@ -1,0 +1,138 @@
+"""Config loading: typed, frozen, every problem reported at once with its key path."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+from proxy.config import Config, config_from_dict, load_config, with_overrides
+from proxy.errors import ConfigError
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "sidecar.yaml"
+
+
+def test_shipped_config_documents_exactly_the_defaults():
+    """config/sidecar.yaml loads and equals the built-in defaults, so its comments tell the truth."""
+    assert load_config(SHIPPED) == Config()
+
+
+def test_every_default_key_appears_in_the_shipped_file():
+    """Every option of every section is written out (and so commented) in config/sidecar.yaml."""
+    import yaml
+
+    data = yaml.safe_load(SHIPPED.read_text())
+    for section in dataclasses.fields(Config):
+        if section.name in ("operations", "host_breaker"):
+            continue
+        written = set(data[section.name])
+        known = {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
+        assert written == known, section.name
+
+
+def test_all_problems_are_reported_at_once_with_key_paths():
+    """One ConfigError names every bad value and unknown key by its path."""
+    bad = {
+        "retry": {"max_attempts": -1, "max_atempts": 3, "base_delay": "fast"},
+        "breaker": {"failure_rate": 1.5, "enabled": "yes"},
+        "server": {"listen": "nowhere"},
+        "upstream": {"hosts": {"api": "ftp://x"}},
+        "log": {"level": "loud"},
+        "bogus": 1,
+    }
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(bad)
+    problems = info.value.problems
+    text = "\n".join(problems)
+    assert "retry.max_attempts: -1 is not a positive number" in text
+    assert "unknown key: retry.max_atempts (did you mean max_attempts?)" in text
+    assert "retry.base_delay: 'fast' is not a number" in text
+    assert "breaker.failure_rate: 1.5 is not a ratio in (0, 1]" in text
+    assert "breaker.enabled: 'yes' is not a boolean (true/false)" in text
+    assert "server.listen: 'nowhere' is not HOST:PORT" in text
+    assert "upstream.hosts.api: 'ftp://x' is not an http(s) URL" in text
+    assert "log.level: 'loud' is not one of 'debug', 'info', 'warning', 'error'" in text
+    assert "unknown key: bogus" in text
+    assert len(problems) == 9
+
+
+def test_cross_field_rules():
+    """A deadline at or over the SDKs' 80 s timeout and base_delay > max_delay are rejected."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"retry": {"deadline": 90, "base_delay": 2, "max_delay": 1}})
+    text = "\n".join(info.value.problems)
+    assert "retry.deadline: 90.0 must stay under the SDKs' 80 s timeout" in text
+    assert "retry.base_delay: 2.0 exceeds max_delay" in text
+
+
+def test_route_to_unknown_host_is_rejected():
+    """A route naming a host that is not in upstream.hosts is an error."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"upstream": {"routes": [{"method": "POST", "prefix": "/v1/files", "host": "nope"}]}})
+    assert "upstream.routes[0].host: 'nope' is not in upstream.hosts" in info.value.problems
+
+
+def test_operation_overrides_merge_over_the_sections():
+    """Per-operation retry/breaker settings override only the keys given."""
+    config = config_from_dict(
+        {
+            "retry": {"max_attempts": 5},
+            "operations": {"POST /v1/payment_intents": {"breaker": {"open_duration": 9}}},
+        }
+    )
+    op = config.for_operation("POST /v1/payment_intents")
+    assert op.breaker.open_duration == 9.0
+    assert op.breaker.failure_rate == 0.5
+    assert op.retry.max_attempts == 5
+    assert config.for_operation("GET /v1/customers").breaker.open_duration == 5.0
+
+
+def test_bad_operation_override_names_its_path():
+    """Problems inside an operation override carry the full key path."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"operations": {"POST /v1/charges": {"retry": {"max_attempts": 0}, "brekaer": {}}, "nonsense": {}}})
+    text = "\n".join(info.value.problems)
+    assert "operations.POST /v1/charges.retry.max_attempts: 0 is not a positive number" in text
+    assert "unknown key: operations.POST /v1/charges.brekaer" in text
+    assert "operations.nonsense: operation must look like 'POST /v1/payment_intents'" in text
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    """Broken YAML is reported with its line number."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("retry:\n  max_attempts: 3\n  base_delay: [1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "line" in info.value.problems[0]
+    assert str(path) in str(info.value)
+
+
+def test_command_line_overrides_are_validated():
+    """--listen and --upstream are checked like the file."""
+    config = with_overrides(Config(), listen="[::1]:9000", upstream="http://127.0.0.1:12111")
+    assert config.server.listen == "[::1]:9000"
+    assert {o.url for o in config.origins().values()} == {"http://127.0.0.1:12111"}
+    with pytest.raises(ConfigError) as info:
+        with_overrides(Config(), listen="localhost", upstream="gopher://x")
+    assert len(info.value.problems) == 2
+
+
+def test_check_config_cli(tmp_path, capsys):
+    """check-config exits 0 for a good file and 2 with every problem for a bad one."""
+    assert main(["check-config", str(SHIPPED)]) == 0
+    assert "ok" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("retry:\n  max_attempts: zero\nlog:\n  lvl: debug\n")
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "retry.max_attempts: 'zero' is not an integer" in err
+    assert "unknown key: log.lvl (did you mean level?)" in err
+
+
+def test_config_objects_are_frozen():
+    """Settings cannot be changed after loading."""
+    config = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.retry.max_attempts = 9  # type: ignore[misc]

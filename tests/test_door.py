@@ -1,0 +1,144 @@
+"""Strict at the door: bad requests get a precise Stripe-shaped error and are never forwarded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from rawclient import exchange, open_raw
+from rawupstream import json_answer
+
+OK = json_answer(200, b"{}")
+
+
+def _assert_stripe_error(answer, status: int, code: str) -> None:
+    assert answer.status == status, answer
+    assert answer.header("Content-Type") == b"application/json"
+    err = answer.json()["error"]
+    assert err["code"] == code
+    assert err["type"] in ("invalid_request_error", "api_error")
+    assert isinstance(err["message"], str) and err["message"]
+
+
+REFUSED = [
+    (b"GET http://evil.example/v1/customers HTTP/1.1\r\nHost: evil.example\r\n\r\n", 400, "sidecar_absolute_target_refused"),
+    (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 405, "sidecar_method_not_allowed"),
+    (b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n", 404, "sidecar_not_a_stripe_path"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 404, "sidecar_not_a_stripe_path"),
+    (b"GET /v3/customers HTTP/1.1\r\nHost: x\r\n\r\n", 404, "sidecar_not_a_stripe_path"),
+    (b"GET /v1 HTTP/1.1\r\nHost: x\r\n\r\n", 404, "sidecar_not_a_stripe_path"),
+    (b"GET /v1/../admin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"GET /v1/%2e%2e/admin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"GET /v1/%2E%2e/admin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"GET /v1/./customers HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"GET /v1/customers/.. HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"GET /v1/customers/%2f..%2fadmin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"GET /v1/customers%5c..%5cadmin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 400, None),
+    (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400, None),
+    (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400, None),
+    (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\nabc", 400, None),
+    (b"GET /v1/customers HTTP/1.1\r\nHost: x\rX-Evil: 1\r\n\r\n", 400, None),
+    (b"GET /v1/customers HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n", 400, None),
+    (b"GET /v1/customers HTTP/1.1\nHost: x\n\n", 400, None),
+    (b"GET /v1/customers FOO/1.1\r\nHost: x\r\n\r\n", 400, None),
+    (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", 400, None),
+    (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400, None),
+]
+
+
+@pytest.mark.parametrize(("raw", "status", "code"), REFUSED, ids=[r[0][:40].decode("latin-1") for r in REFUSED])
+async def test_bad_requests_are_refused_and_never_forwarded(raw_upstream, make_sidecar, raw, status, code):
+    """Each malformed, ambiguous or non-Stripe request gets its error and reaches no upstream."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url)
+    answers, closed = await exchange(sc.port, raw)
+    assert answers, "no answer"
+    a = answers[0]
+    assert a.status == status
+    err = a.json()["error"]
+    assert err["code"].startswith("sidecar_")
+    if code is not None:
+        _assert_stripe_error(a, status, code)
+    assert closed
+    assert up.received == []
+
+
+async def test_oversized_headers_get_431(raw_upstream, make_sidecar):
+    """Headers past the limit get 431 at once."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url, server={"max_header_bytes": 2048})
+    raw = b"GET /v1/customers HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n"
+    answers, closed = await exchange(sc.port, raw)
+    _assert_stripe_error(answers[0], 431, "sidecar_headers_too_large")
+    assert closed and up.received == []
+
+
+async def test_oversized_body_gets_413_without_reading_it(raw_upstream, make_sidecar):
+    """A declared body over the limit is refused as soon as the head arrives; the body is never sent."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url, server={"max_body_bytes": 1000})
+    reader, writer = await open_raw(sc.port)
+    writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n")
+    async with asyncio.timeout(5):
+        data = await reader.read()  # the sidecar answers and closes without waiting for 50 MB
+    assert data.startswith(b"HTTP/1.1 413 ")
+    assert b"sidecar_body_too_large" in data
+    writer.close()
+    assert up.received == []
+
+
+async def test_chunked_body_over_limit_gets_413(raw_upstream, make_sidecar):
+    """A chunked body that grows past the limit is cut off with 413."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url, server={"max_body_bytes": 1000}, retry={"max_replay_body": 100})
+    chunk = b"a" * 600
+    raw = b"POST /v1/files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"%x\r\n%b\r\n" % (len(chunk), chunk)) * 3 + b"0\r\n\r\n"
+    reader, writer = await open_raw(sc.port)
+    writer.write(raw)
+    async with asyncio.timeout(5):
+        data = await reader.read()
+    writer.close()
+    # Either the 413 or a cut connection (if the upload had already started upstream); never a 2xx.
+    assert not data.startswith(b"HTTP/1.1 2")
+    assert all(len(r.body) <= 1000 for r in up.received)
+
+
+async def test_slow_headers_are_cut_off_after_the_header_timeout(raw_upstream, make_sidecar):
+    """A client that dribbles its head gets 408 and is disconnected after header_timeout."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url, server={"header_timeout": 0.3})
+    reader, writer = await open_raw(sc.port)
+    writer.write(b"GET /v1/customers HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        data = await reader.read()  # returns when the sidecar closes
+    assert time.monotonic() - started < 4
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert b"sidecar_header_timeout" in data
+    writer.close()
+    assert up.received == []
+
+
+async def test_secrets_never_reach_logs_metrics_or_errors(raw_upstream, make_sidecar):
+    """API keys and Authorization values appear in no log line, metric or sidecar error."""
+    secret = b"sk_test_51SuperSecretKeyValue"
+    up = await raw_upstream(lambda r: None)  # drop: forces sidecar-made errors
+    sc = await make_sidecar(up.url, retry={"base_delay": 0.001, "max_delay": 0.002})
+    for raw in (
+        b"GET /v1/customers/cus_1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret + b"\r\n\r\n",
+        b"POST /v1/charges HTTP/1.1\r\nHost: x\r\nAuthorization: Basic " + secret + b"\r\nContent-Length: 0\r\n\r\n",
+        b"GET /nope HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret + b"\r\n\r\n",
+    ):
+        answers, _ = await exchange(sc.port, raw)
+        assert secret not in answers[0].body
+        assert all(secret not in v for _, v in answers[0].headers)
+    metrics, _ = await exchange(sc.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert secret not in metrics[0].body
+    sc.log.flush()
+    logs = sc.log._stream.getvalue()
+    assert '"event":"request"' in logs
+    assert secret.decode() not in logs
+    assert "cus_1" not in logs  # raw IDs never become labels or log fields
