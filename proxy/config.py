@@ -168,6 +168,8 @@ _POSITIVE = {
     "open_duration",
     "open_duration_max",
     "slow_call_duration",
+    "probe_timeout",
+    "decrease_interval",
 }
 _RATIO = {"failure_rate", "decrease_factor"}
 _METHODS = {"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "*"}

@@ -8,10 +8,16 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import uvloop
 
 from proxy.app import Sidecar
 from proxy.config import config_from_dict
 from rawupstream import Answer, RawUpstream, Received
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """Run every async test on uvloop, the loop the sidecar runs on in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -86,8 +86,7 @@ class _Proto(asyncio.Protocol):
         self.conn_id = up.connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         self.up._transports.append(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:

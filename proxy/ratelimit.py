@@ -1,0 +1,206 @@
+"""Client-side rate limiter: stay under Stripe's account-wide and per-endpoint limits.
+
+Pure: the clock is an argument (monotonic seconds), nothing sleeps. Two token buckets per request
+(the account's global one and the operation's), with reservations in the future like Go's
+``rate.Limiter.Reserve``: a bucket may go negative, so whoever reserves first goes first. Rates
+adapt AIMD-style to Stripe's 429s: a ``Stripe-Rate-Limited-Reason`` multiplies the rate of the
+scope it names by ``decrease_factor``; the rate then climbs back by ``recover_per_second`` per
+second up to the configured one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["GLOBAL_SCOPE", "RateLimitSettings", "RateLimiter"]
+
+GLOBAL_SCOPE = "global"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    """Token-bucket rates and bursts, the longest wait, and how rates adapt to Stripe's 429s."""
+
+    enabled: bool = True
+    global_rate: float = 100.0  # requests/s for the whole account (Stripe live-mode default)
+    global_burst: float = 100.0
+    endpoint_rate: float = 25.0  # per operation (Stripe's default per-endpoint limit)
+    endpoint_burst: float = 25.0
+    max_wait: float = 1.0  # a request waits at most this long for a token
+    decrease_factor: float = 0.5  # on a 429 naming a scope: that scope's rate *= factor
+    min_rate: float = 1.0
+    recover_per_second: float = 5.0  # additive recovery per second, up to the configured rate
+    # A burst of requests in flight all get their 429 together: decrease a scope at most once
+    # per this many seconds, so one overload halves the rate once rather than to min_rate.
+    decrease_interval: float = 0.5
+
+
+_GLOBAL_REASONS = frozenset({"global-rate", "global-concurrency"})
+
+
+class _Bucket:
+    """One token bucket; ``tokens`` may be negative (reserved ahead)."""
+
+    __slots__ = (
+        "burst",
+        "full_burst",
+        "full_rate",
+        "last",
+        "last_decrease",
+        "rate",
+        "recovering",
+        "tokens",
+    )
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.full_rate = rate
+        self.full_burst = burst
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.last = now
+        self.recovering = False
+        self.last_decrease = -float("inf")
+
+    def sync(self, now: float, recover_per_second: float) -> None:
+        """Bring tokens (and a recovering rate) up to ``now``; takes nothing."""
+        elapsed = now - self.last
+        if elapsed <= 0.0:
+            return
+        rate = self.rate
+        if self.recovering:
+            # The rate climbs linearly, then stays at full: integrate it exactly.
+            to_full = (self.full_rate - rate) / recover_per_second
+            if elapsed < to_full:
+                new_rate = rate + recover_per_second * elapsed
+                gained = elapsed * (rate + new_rate) * 0.5
+            else:
+                new_rate = self.full_rate
+                gained = to_full * (rate + new_rate) * 0.5 + (elapsed - to_full) * new_rate
+                self.recovering = False
+            self.rate = new_rate
+            self.burst = self._scaled_burst(new_rate)
+        else:
+            gained = elapsed * rate
+        tokens = self.tokens + gained
+        self.tokens = tokens if tokens < self.burst else self.burst
+        self.last = now
+
+    def decrease(self, now: float, settings: RateLimitSettings) -> None:
+        """Cut the rate by ``decrease_factor`` (not below ``min_rate``); the burst shrinks alike."""
+        if now - self.last_decrease < settings.decrease_interval:
+            return
+        self.sync(now, settings.recover_per_second)
+        self.last_decrease = now
+        rate = self.rate * settings.decrease_factor
+        floor = min(settings.min_rate, self.full_rate)
+        self.rate = rate if rate > floor else floor
+        self.burst = self._scaled_burst(self.rate)
+        if self.tokens > self.burst:
+            self.tokens = self.burst
+        self.recovering = self.rate < self.full_rate and settings.recover_per_second > 0.0
+
+    def current_rate(self, now: float, recover_per_second: float) -> float:
+        """The effective rate at ``now`` without changing the bucket."""
+        if not self.recovering:
+            return self.rate
+        rate = self.rate + recover_per_second * max(0.0, now - self.last)
+        return rate if rate < self.full_rate else self.full_rate
+
+    def _scaled_burst(self, rate: float) -> float:
+        burst = self.full_burst * rate / self.full_rate
+        return burst if burst > 1.0 else 1.0
+
+
+class RateLimiter:
+    """The account-wide bucket plus one bucket per operation, created on first use."""
+
+    __slots__ = ("_clock", "_enabled", "_endpoints", "_global", "_max_wait", "_recover", "settings")
+
+    def __init__(self, settings: RateLimitSettings, clock: Callable[[], float]) -> None:
+        if settings.global_rate <= 0 or settings.endpoint_rate <= 0:
+            raise ValueError("rate limiter rates must be positive")
+        if settings.global_burst < 1 or settings.endpoint_burst < 1:
+            raise ValueError("rate limiter bursts must be at least 1")
+        self.settings = settings
+        self._clock = clock
+        self._enabled = settings.enabled
+        self._max_wait = settings.max_wait
+        self._recover = settings.recover_per_second
+        self._global = _Bucket(settings.global_rate, settings.global_burst, clock())
+        self._endpoints: dict[str, _Bucket] = {}
+
+    def reserve(self, endpoint: str) -> float | None:
+        """Take a token from the global and the ``endpoint`` bucket; return the seconds to wait.
+
+        0.0 means go now. None means the wait would exceed ``max_wait``: nothing is taken. A
+        positive wait is a reservation: the caller waits that long, then sends without asking
+        again; later callers queue behind it.
+        """
+        if not self._enabled:
+            return 0.0
+        now = self._clock()
+        g = self._global
+        e = self._endpoints.get(endpoint)
+        if e is None:
+            e = self._endpoints[endpoint] = _Bucket(
+                self.settings.endpoint_rate, self.settings.endpoint_burst, now
+            )
+        if g.recovering:
+            g.sync(now, self._recover)
+        if e.recovering:
+            e.sync(now, self._recover)
+        g_tokens = g.tokens + (now - g.last) * g.rate
+        if g_tokens > g.burst:
+            g_tokens = g.burst
+        g_tokens -= 1.0
+        e_tokens = e.tokens + (now - e.last) * e.rate
+        if e_tokens > e.burst:
+            e_tokens = e.burst
+        e_tokens -= 1.0
+        if g_tokens >= 0.0 and e_tokens >= 0.0:
+            wait = 0.0
+        else:
+            g_wait = -g_tokens / g.rate if g_tokens < 0.0 else 0.0
+            e_wait = -e_tokens / e.rate if e_tokens < 0.0 else 0.0
+            wait = g_wait if g_wait > e_wait else e_wait
+            if wait > self._max_wait:
+                return None
+        g.tokens = g_tokens
+        g.last = now
+        e.tokens = e_tokens
+        e.last = now
+        return wait
+
+    def on_rate_limited(self, endpoint: str, reason: str | None) -> None:
+        """Slow down the scope a 429's ``Stripe-Rate-Limited-Reason`` names.
+
+        ``global-rate``/``global-concurrency`` slow the account bucket; ``endpoint-rate``,
+        ``endpoint-concurrency``, ``resource-specific`` (and any other reason) slow the
+        ``endpoint`` bucket. None (a lock timeout, not a limiter) changes nothing.
+        """
+        if reason is None or not self._enabled:
+            return
+        reason = reason.strip().lower()
+        if not reason:
+            return
+        now = self._clock()
+        if reason in _GLOBAL_REASONS:
+            self._global.decrease(now, self.settings)
+            return
+        bucket = self._endpoints.get(endpoint)
+        if bucket is None:
+            bucket = self._endpoints[endpoint] = _Bucket(
+                self.settings.endpoint_rate, self.settings.endpoint_burst, now
+            )
+        bucket.decrease(now, self.settings)
+
+    def rates(self) -> dict[str, float]:
+        """Current effective rate (requests/s) per scope: ``"global"`` and each endpoint seen."""
+        now = self._clock()
+        recover = self._recover
+        result = {GLOBAL_SCOPE: self._global.current_rate(now, recover)}
+        for endpoint, bucket in self._endpoints.items():
+            result[endpoint] = bucket.current_rate(now, recover)
+        return result
