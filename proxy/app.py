@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import IO
 
 from prometheus_client import CollectorRegistry
@@ -42,8 +43,12 @@ class Sidecar:
         registry: CollectorRegistry | None = None,
         log_stream: IO[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
+        self._sleep = sleep
+        self._rand = rand
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.log = Logger(
@@ -58,7 +63,14 @@ class Sidecar:
 
     async def start(self) -> int:
         """Listen on ``server.listen``; return the bound port."""
-        self.forwarder = Forwarder(self.config, metrics=self.metrics, logger=self.log)
+        self.forwarder = Forwarder(
+            self.config,
+            metrics=self.metrics,
+            logger=self.log,
+            clock=self._clock,
+            sleep=self._sleep,
+            rand=self._rand,
+        )
         s = self.config.server
         self.server = Server(
             self,

@@ -30,7 +30,9 @@ class RateLimitSettings:
     max_wait: float = 1.0  # a request waits at most this long for a token
     decrease_factor: float = 0.5  # on a 429 naming a scope: that scope's rate *= factor
     min_rate: float = 1.0
-    recover_per_second: float = 5.0  # additive recovery per second, up to the configured rate
+    # Additive recovery: each second a decreased scope regains this share of its configured
+    # rate (0.25: from half to full in 2 s), so recovery takes the same time at any scale.
+    recover_share_per_second: float = 0.25
     # A burst of requests in flight all get their 429 together: decrease a scope at most once
     # per this many seconds, so one overload halves the rate once rather than to min_rate.
     decrease_interval: float = 0.5
@@ -49,11 +51,13 @@ class _Bucket:
         "last",
         "last_decrease",
         "rate",
+        "recover",
         "recovering",
         "tokens",
     )
 
-    def __init__(self, rate: float, burst: float, now: float) -> None:
+    def __init__(self, rate: float, burst: float, now: float, recover_share: float) -> None:
+        self.recover = rate * recover_share  # requests/s regained per second
         self.full_rate = rate
         self.full_burst = burst
         self.rate = rate
@@ -63,8 +67,9 @@ class _Bucket:
         self.recovering = False
         self.last_decrease = -float("inf")
 
-    def sync(self, now: float, recover_per_second: float) -> None:
+    def sync(self, now: float) -> None:
         """Bring tokens (and a recovering rate) up to ``now``; takes nothing."""
+        recover_per_second = self.recover
         elapsed = now - self.last
         if elapsed <= 0.0:
             return
@@ -91,7 +96,7 @@ class _Bucket:
         """Cut the rate by ``decrease_factor`` (not below ``min_rate``); the burst shrinks alike."""
         if now - self.last_decrease < settings.decrease_interval:
             return
-        self.sync(now, settings.recover_per_second)
+        self.sync(now)
         self.last_decrease = now
         rate = self.rate * settings.decrease_factor
         floor = min(settings.min_rate, self.full_rate)
@@ -99,13 +104,13 @@ class _Bucket:
         self.burst = self._scaled_burst(self.rate)
         if self.tokens > self.burst:
             self.tokens = self.burst
-        self.recovering = self.rate < self.full_rate and settings.recover_per_second > 0.0
+        self.recovering = self.rate < self.full_rate and self.recover > 0.0
 
-    def current_rate(self, now: float, recover_per_second: float) -> float:
+    def current_rate(self, now: float) -> float:
         """The effective rate at ``now`` without changing the bucket."""
         if not self.recovering:
             return self.rate
-        rate = self.rate + recover_per_second * max(0.0, now - self.last)
+        rate = self.rate + self.recover * max(0.0, now - self.last)
         return rate if rate < self.full_rate else self.full_rate
 
     def _scaled_burst(self, rate: float) -> float:
@@ -116,7 +121,7 @@ class _Bucket:
 class RateLimiter:
     """The account-wide bucket plus one bucket per operation, created on first use."""
 
-    __slots__ = ("_clock", "_enabled", "_endpoints", "_global", "_max_wait", "_recover", "settings")
+    __slots__ = ("_clock", "_enabled", "_endpoints", "_global", "_max_wait", "_share", "settings")
 
     def __init__(self, settings: RateLimitSettings, clock: Callable[[], float]) -> None:
         if settings.global_rate <= 0 or settings.endpoint_rate <= 0:
@@ -127,8 +132,8 @@ class RateLimiter:
         self._clock = clock
         self._enabled = settings.enabled
         self._max_wait = settings.max_wait
-        self._recover = settings.recover_per_second
-        self._global = _Bucket(settings.global_rate, settings.global_burst, clock())
+        self._share = settings.recover_share_per_second
+        self._global = _Bucket(settings.global_rate, settings.global_burst, clock(), self._share)
         self._endpoints: dict[str, _Bucket] = {}
 
     def reserve(self, endpoint: str) -> float | None:
@@ -145,12 +150,12 @@ class RateLimiter:
         e = self._endpoints.get(endpoint)
         if e is None:
             e = self._endpoints[endpoint] = _Bucket(
-                self.settings.endpoint_rate, self.settings.endpoint_burst, now
+                self.settings.endpoint_rate, self.settings.endpoint_burst, now, self._share
             )
         if g.recovering:
-            g.sync(now, self._recover)
+            g.sync(now)
         if e.recovering:
-            e.sync(now, self._recover)
+            e.sync(now)
         g_tokens = g.tokens + (now - g.last) * g.rate
         if g_tokens > g.burst:
             g_tokens = g.burst
@@ -177,13 +182,14 @@ class RateLimiter:
         """Slow down the scope a 429's ``Stripe-Rate-Limited-Reason`` names.
 
         ``global-rate``/``global-concurrency`` slow the account bucket; ``endpoint-rate``,
-        ``endpoint-concurrency``, ``resource-specific`` (and any other reason) slow the
-        ``endpoint`` bucket. None (a lock timeout, not a limiter) changes nothing.
+        ``endpoint-concurrency`` (and any reason not known yet) slow the ``endpoint`` bucket.
+        None (a lock timeout) and ``resource-specific`` (a limit on one object, such as updates
+        to one PaymentIntent, not on the endpoint) change nothing: backoff handles them.
         """
         if reason is None or not self._enabled:
             return
         reason = reason.strip().lower()
-        if not reason:
+        if not reason or reason == "resource-specific":
             return
         now = self._clock()
         if reason in _GLOBAL_REASONS:
@@ -192,15 +198,14 @@ class RateLimiter:
         bucket = self._endpoints.get(endpoint)
         if bucket is None:
             bucket = self._endpoints[endpoint] = _Bucket(
-                self.settings.endpoint_rate, self.settings.endpoint_burst, now
+                self.settings.endpoint_rate, self.settings.endpoint_burst, now, self._share
             )
         bucket.decrease(now, self.settings)
 
     def rates(self) -> dict[str, float]:
         """Current effective rate (requests/s) per scope: ``"global"`` and each endpoint seen."""
         now = self._clock()
-        recover = self._recover
-        result = {GLOBAL_SCOPE: self._global.current_rate(now, recover)}
+        result = {GLOBAL_SCOPE: self._global.current_rate(now)}
         for endpoint, bucket in self._endpoints.items():
-            result[endpoint] = bucket.current_rate(now, recover)
+            result[endpoint] = bucket.current_rate(now)
         return result

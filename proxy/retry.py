@@ -30,7 +30,7 @@ class RetrySettings:
     """How the sidecar repeats attempts that failed in a retryable way."""
 
     enabled: bool = True
-    max_attempts: int = 3  # total attempts including the first
+    max_attempts: int = 4  # total attempts including the first
     base_delay: float = 0.05  # seconds; full-jitter exponential backoff
     max_delay: float = 1.0
     attempt_timeout: float = 10.0  # per attempt (the I/O layer enforces it)

@@ -35,7 +35,9 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
     """Start sidecars (``await make_sidecar(upstream_url, **sections)``); stopped at the end."""
     started: list[Sidecar] = []
 
-    async def make(upstream_url: str | None, **sections: Any) -> Sidecar:
+    async def make(
+        upstream_url: str | None, *, sleep: Any = None, rand: Any = None, **sections: Any
+    ) -> Sidecar:
         data = _merge(
             {
                 "server": {"listen": "127.0.0.1:0", "shutdown_grace": 2.0},
@@ -44,7 +46,8 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
             },
             sections,
         )
-        sidecar = Sidecar(config_from_dict(data), log_stream=io.StringIO())
+        extra = {k: v for k, v in (("sleep", sleep), ("rand", rand)) if v is not None}
+        sidecar = Sidecar(config_from_dict(data), log_stream=io.StringIO(), **extra)
         await sidecar.start()
         sidecar.url = f"http://127.0.0.1:{sidecar.port}"  # type: ignore[attr-defined]
         started.append(sidecar)

@@ -99,7 +99,7 @@ def test_global_reasons_decrease_the_global_rate(reason: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "reason", ["endpoint-rate", "endpoint-concurrency", "resource-specific", "something-new"]
+    "reason", ["endpoint-rate", "endpoint-concurrency", "something-new"]
 )
 def test_endpoint_reasons_decrease_that_endpoint(reason: str) -> None:
     """An endpoint-scoped reason halves that endpoint's rate only."""
@@ -110,25 +110,26 @@ def test_endpoint_reasons_decrease_that_endpoint(reason: str) -> None:
     assert limiter.rates() == {"global": 100.0, "e": 12.5, "f": 25.0}
 
 
-def test_no_reason_changes_nothing() -> None:
-    """A 429 without a reason is a lock timeout, not a limiter: rates stay."""
+def test_no_reason_or_resource_specific_changes_nothing() -> None:
+    """A lock timeout (no reason) or a one-object limit (resource-specific) leaves rates alone."""
     limiter, _ = make()
     limiter.reserve("e")
     limiter.on_rate_limited("e", None)
     limiter.on_rate_limited("e", "")
+    limiter.on_rate_limited("e", "resource-specific")
     assert limiter.rates() == {"global": 100.0, "e": 25.0}
 
 
 def test_decrease_applies_to_reservations_and_shrinks_burst() -> None:
     """After a decrease the bucket paces at the new rate with a proportionally smaller burst."""
-    limiter, _ = make(endpoint_rate=10.0, endpoint_burst=10.0, recover_per_second=0.0)
+    limiter, _ = make(endpoint_rate=10.0, endpoint_burst=10.0, recover_share_per_second=0.0)
     limiter.on_rate_limited("e", "endpoint-rate")
     assert waits(limiter, "e", 7) == [0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.4]
 
 
 def test_one_burst_of_429s_decreases_once() -> None:
     """429s arriving together within decrease_interval cut the rate only once."""
-    limiter, clock = make(decrease_interval=0.5, recover_per_second=0.0)
+    limiter, clock = make(decrease_interval=0.5, recover_share_per_second=0.0)
     for _ in range(10):
         limiter.on_rate_limited("e", "global-rate")
     assert limiter.rates()["global"] == 50.0
@@ -139,7 +140,7 @@ def test_one_burst_of_429s_decreases_once() -> None:
 
 def test_decrease_stops_at_min_rate() -> None:
     """Repeated decreases never go below min_rate."""
-    limiter, clock = make(min_rate=4.0, recover_per_second=0.0)
+    limiter, clock = make(min_rate=4.0, recover_share_per_second=0.0)
     for _ in range(10):
         limiter.on_rate_limited("e", "global-rate")
         clock.advance(1.0)
@@ -147,8 +148,8 @@ def test_decrease_stops_at_min_rate() -> None:
 
 
 def test_additive_recovery_up_to_configured_rate() -> None:
-    """A decreased rate climbs back by recover_per_second per second and stops at the configured."""
-    limiter, clock = make(recover_per_second=5.0)
+    """A decreased rate regains its share of the configured rate per second, up to that rate."""
+    limiter, clock = make(recover_share_per_second=0.05)  # 5/s of 100/s
     limiter.on_rate_limited("e", "global-concurrency")
     assert limiter.rates()["global"] == 50.0
     clock.advance(4.0)
@@ -163,7 +164,7 @@ def test_additive_recovery_up_to_configured_rate() -> None:
 
 def test_recovering_bucket_refills_by_the_integral_of_its_rate() -> None:
     """Tokens gained while the rate climbs follow the rising rate (trapezoid), capped at burst."""
-    limiter, clock = make(endpoint_rate=10.0, endpoint_burst=10.0, recover_per_second=5.0)
+    limiter, clock = make(endpoint_rate=10.0, endpoint_burst=10.0, recover_share_per_second=0.5)
     limiter.on_rate_limited("e", "endpoint-rate")  # rate 5, burst 5, tokens 5
     assert waits(limiter, "e", 5) == [0.0] * 5
     clock.advance(1.0)  # rate 5 -> 10: 7.5 tokens
@@ -172,7 +173,7 @@ def test_recovering_bucket_refills_by_the_integral_of_its_rate() -> None:
 
 def test_partly_recovered_rate_refills_by_the_trapezoid() -> None:
     """Half-way up the recovery ramp the tokens gained are the mean rate times the time."""
-    limiter, clock = make(endpoint_rate=10.0, endpoint_burst=10.0, recover_per_second=5.0)
+    limiter, clock = make(endpoint_rate=10.0, endpoint_burst=10.0, recover_share_per_second=0.5)
     limiter.on_rate_limited("e", "endpoint-rate")  # rate 5, burst 5, tokens 5
     assert waits(limiter, "e", 5) == [0.0] * 5
     clock.advance(0.5)  # rate 5 -> 7.5: 0.5 * 6.25 = 3.125 tokens

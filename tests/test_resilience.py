@@ -1,0 +1,398 @@
+"""The pipeline's decisions on real sockets: keys, retries, give-up signals, breakers, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from rawclient import exchange
+from rawupstream import Received, json_answer
+
+OK = json_answer(200, b'{"id":"pi_1","object":"payment_intent"}', b"Request-Id: req_ok")
+HTML_503 = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\nContent-Length: 17\r\n\r\n"
+    b"<h1>overload</h1>"
+)
+POST = b"POST /v1/payment_intents HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 11\r\n\r\namount=2000"
+GET = b"GET /v1/customers/cus_1 HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def script(*answers: bytes) -> Callable[[Received], bytes]:
+    """Answer with each of ``answers`` in turn, then repeat the last."""
+    queue = list(answers)
+
+    def handler(r: Received) -> bytes:
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+    return handler
+
+
+class Sleeps:
+    """A sleep that records its delays and returns at once (no waiting in tests)."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+async def test_injected_key_is_the_same_on_every_attempt(raw_upstream, make_sidecar):
+    """A POST without a key gets one random key, sent on every attempt and echoed to the app."""
+    up = await raw_upstream(script(HTML_503, HTML_503, OK))
+    sleeps = Sleeps()
+    sc = await make_sidecar(up.url, sleep=sleeps)
+    answers, _ = await exchange(sc.port, POST)
+    a = answers[0]
+    assert a.status == 200
+    keys = [r.header("Idempotency-Key") for r in up.received]
+    assert len(keys) == 3 and len(set(keys)) == 1
+    key = keys[0]
+    assert key is not None and key.startswith(b"sidecar-") and len(key) <= 255
+    assert a.header("Idempotency-Key") == key
+    assert a.header("Sidecar-Attempts") == b"3"
+    assert a.header("Sidecar-Outcome") == b"success"
+    assert len(sleeps.delays) == 2
+    assert sc.registry.get_sample_value("stripe_sidecar_idempotency_keys_injected_total", {"operation": "POST /v1/payment_intents"}) == 1
+    assert sc.registry.get_sample_value("stripe_sidecar_retries_total", {"operation": "POST /v1/payment_intents", "outcome": "gateway_error"}) == 2
+
+
+async def test_two_requests_get_different_keys(raw_upstream, make_sidecar):
+    """Injected keys are unique per request."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url)
+    await exchange(sc.port, POST)
+    await exchange(sc.port, POST)
+    assert up.received[0].header("Idempotency-Key") != up.received[1].header("Idempotency-Key")
+
+
+async def test_app_key_is_never_replaced(raw_upstream, make_sidecar):
+    """The app's own Idempotency-Key goes out unchanged on every attempt."""
+    up = await raw_upstream(script(HTML_503, OK))
+    sc = await make_sidecar(up.url, sleep=Sleeps())
+    raw = POST.replace(b"Host: x\r\n", b"Host: x\r\nIdempotency-Key: app-key-7\r\n")
+    answers, _ = await exchange(sc.port, raw)
+    assert answers[0].status == 200
+    assert [r.header("Idempotency-Key") for r in up.received] == [b"app-key-7", b"app-key-7"]
+    assert sc.registry.get_sample_value("stripe_sidecar_idempotency_keys_injected_total", {"operation": "POST /v1/payment_intents"}) is None
+
+
+async def test_get_is_retried_but_never_gets_a_key(raw_upstream, make_sidecar):
+    """GETs are repeatable without a key, and none is added."""
+    up = await raw_upstream(script(HTML_503, OK))
+    sc = await make_sidecar(up.url, sleep=Sleeps())
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].status == 200
+    assert len(up.received) == 2
+    assert all(r.header("Idempotency-Key") is None for r in up.received)
+
+
+async def test_post_without_key_is_not_retried_when_injection_is_off(raw_upstream, make_sidecar):
+    """Without a key a POST is never repeated (it could charge twice); the 503 goes back as is."""
+    up = await raw_upstream(script(HTML_503, OK))
+    sc = await make_sidecar(up.url, sleep=Sleeps(), idempotency={"inject": False})
+    answers, _ = await exchange(sc.port, POST)
+    assert answers[0].status == 503
+    assert answers[0].body == b"<h1>overload</h1>"
+    assert len(up.received) == 1
+    assert up.received[0].header("Idempotency-Key") is None
+
+
+NEVER_RETRIED = [
+    json_answer(400, b'{"error":{"type":"invalid_request_error","code":"parameter_missing","param":"amount"}}', reason=b"Bad Request"),
+    json_answer(401, b'{"error":{"type":"invalid_request_error","message":"Invalid API Key provided: sk_test_****1234"}}', reason=b"Unauthorized"),
+    json_answer(402, b'{"error":{"type":"card_error","code":"card_declined","decline_code":"generic_decline"}}', reason=b"Payment Required"),
+    json_answer(403, b'{"error":{"type":"invalid_request_error","code":"secret_key_required"}}', reason=b"Forbidden"),
+    json_answer(400, b'{"error":{"type":"idempotency_error","message":"Keys for idempotent requests..."}}', reason=b"Bad Request"),
+    json_answer(500, b'{"error":{"type":"api_error","message":"Something went wrong"}}', b"Stripe-Should-Retry: false", reason=b"Internal Server Error"),
+    json_answer(404, b'{"error":{"type":"invalid_request_error","code":"resource_missing"}}', reason=b"Not Found"),
+]
+
+
+async def test_business_and_client_errors_pass_through_after_one_attempt(raw_upstream, make_sidecar):
+    """400, 401, 402, 403, idempotency errors, 404 and a saved 500 are answered as is, after exactly one attempt."""
+    for answer in NEVER_RETRIED:
+        up = await raw_upstream(lambda r, a=answer: a)
+        sc = await make_sidecar(up.url, sleep=Sleeps())
+        answers, _ = await exchange(sc.port, POST)
+        got = answers[0]
+        expected_body = answer.split(b"\r\n\r\n", 1)[1]
+        assert got.body == expected_body
+        assert got.status == int(answer[9:12])
+        assert len(up.received) == 1, answer[:40]
+        assert got.header("Sidecar-Attempts") == b"1"
+        if b"Should-Retry" in answer:
+            assert got.header("Stripe-Should-Retry") == b"false"
+
+
+async def test_final_failure_tells_the_sdk_not_to_retry(raw_upstream, make_sidecar):
+    """After the last attempt fails, Stripe-Should-Retry: false is set so SDK retries don't multiply."""
+    up = await raw_upstream(lambda r: json_answer(502, b'{"error":{"type":"api_error"}}', b"Stripe-Should-Retry: true", reason=b"Bad Gateway"))
+    sc = await make_sidecar(up.url, sleep=Sleeps(), retry={"max_attempts": 3})
+    answers, _ = await exchange(sc.port, GET)
+    a = answers[0]
+    assert a.status == 502
+    assert len(up.received) == 3
+    assert a.header("Sidecar-Attempts") == b"3"
+    assert [v for n, v in a.headers if n.lower() == b"stripe-should-retry"] == [b"false"]
+
+
+async def test_retry_after_is_honoured_up_to_the_cap(raw_upstream, make_sidecar):
+    """A 429 with Retry-After waits that long (capped), then tries again."""
+    limited = json_answer(429, b'{"error":{"type":"invalid_request_error","code":"rate_limit"}}', b"Stripe-Rate-Limited-Reason: global-rate", b"Retry-After: 1", reason=b"Too Many Requests")
+    too_long = limited.replace(b"Retry-After: 1", b"Retry-After: 30")
+    up = await raw_upstream(script(limited, too_long, OK))
+    sleeps = Sleeps()
+    sc = await make_sidecar(up.url, sleep=sleeps, rand=lambda: 0.0, retry={"retry_after_cap": 2.0})
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].status == 200
+    assert sleeps.delays == [1.0, 2.0]
+
+
+async def test_backoff_is_jittered_exponential(raw_upstream, make_sidecar):
+    """Delays follow full jitter: rand * min(max_delay, base * 2^n)."""
+    up = await raw_upstream(script(HTML_503, HTML_503, HTML_503, OK))
+    sleeps = Sleeps()
+    sc = await make_sidecar(up.url, sleep=sleeps, rand=lambda: 0.5, retry={"base_delay": 0.1, "max_delay": 0.3})
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].status == 200
+    assert sleeps.delays == [0.05, 0.1, 0.15]
+
+
+async def test_saved_500_without_should_retry_is_retried_under_the_same_key(raw_upstream, make_sidecar):
+    """A 500 with no Stripe-Should-Retry is retried, and only under the same key (Stripe replays it if saved)."""
+    err = json_answer(500, b'{"error":{"type":"api_error"}}', reason=b"Internal Server Error")
+    up = await raw_upstream(script(err, OK))
+    sc = await make_sidecar(up.url, sleep=Sleeps())
+    answers, _ = await exchange(sc.port, POST)
+    assert answers[0].status == 200
+    assert len({r.header("Idempotency-Key") for r in up.received}) == 1
+
+
+async def test_dropped_connection_after_sending_is_retried_under_the_key(raw_upstream, make_sidecar):
+    """A reset after the POST was sent is retried with the same key (safe: Stripe replays)."""
+    answers_seq = [None, OK]
+
+    def handler(r: Received):
+        return answers_seq.pop(0) if len(answers_seq) > 1 else answers_seq[0]
+
+    up = await raw_upstream(handler)
+    sc = await make_sidecar(up.url, sleep=Sleeps())
+    answers, _ = await exchange(sc.port, POST)
+    assert answers[0].status == 200
+    assert len(up.received) == 2
+    assert up.received[0].header("Idempotency-Key") == up.received[1].header("Idempotency-Key")
+
+
+async def test_large_bodies_are_never_retried(raw_upstream, make_sidecar):
+    """A body above max_replay_body is streamed once; its failure goes back to the app."""
+    up = await raw_upstream(lambda r: HTML_503)
+    sc = await make_sidecar(up.url, sleep=Sleeps(), retry={"max_replay_body": 16})
+    body = b"x" * 100
+    answers, _ = await exchange(sc.port, b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + body)
+    assert answers[0].status == 503
+    assert len(up.received) == 1
+
+
+async def test_timeouts_are_retried_then_answered_504(raw_upstream, make_sidecar):
+    """An upstream that never answers costs attempt_timeout per attempt, then a Stripe-shaped 504."""
+    async def silent(transport: asyncio.Transport) -> None:
+        return None
+
+    up = await raw_upstream(lambda r: silent)
+    sc = await make_sidecar(up.url, sleep=Sleeps(), retry={"attempt_timeout": 0.1, "max_attempts": 2})
+    answers, _ = await exchange(sc.port, GET)
+    a = answers[0]
+    assert a.status == 504
+    assert a.json()["error"]["code"] == "sidecar_upstream_timeout"
+    assert len(up.received) == 2
+    assert a.header("Stripe-Should-Retry") == b"false"
+
+
+async def test_breaker_opens_and_fails_fast(raw_upstream, make_sidecar):
+    """After consecutive upstream failures the breaker answers 503 sidecar_circuit_open without calling Stripe."""
+    up = await raw_upstream(lambda r: HTML_503)
+    sc = await make_sidecar(
+        up.url,
+        sleep=Sleeps(),
+        retry={"max_attempts": 1},
+        breaker={"consecutive_failures": 5},
+    )
+    for _ in range(5):
+        answers, _ = await exchange(sc.port, GET)
+        assert answers[0].status == 503 and answers[0].body == b"<h1>overload</h1>"
+    answers, _ = await exchange(sc.port, GET)
+    a = answers[0]
+    assert a.status == 503
+    assert a.json()["error"]["code"] == "sidecar_circuit_open"
+    assert a.header("Stripe-Should-Retry") == b"false"
+    assert int(a.header("Retry-After")) >= 1
+    assert a.header("Sidecar-Attempts") == b"0"
+    assert len(up.received) == 5
+    assert sc.registry.get_sample_value("stripe_sidecar_breaker_state", {"scope": "GET /v1/customers/{id}"}) == 2
+    assert sc.registry.get_sample_value("stripe_sidecar_fail_fast_total", {"operation": "GET /v1/customers/{id}", "reason": "circuit_open"}) == 1
+    # Another operation still flows: one bad endpoint does not take the host down.
+    answers, _ = await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answers[0].body == b"<h1>overload</h1>"
+
+
+async def test_breaker_heals_through_half_open_probes(raw_upstream, make_sidecar):
+    """Once the open time has passed, probes go through and successes close the breaker."""
+    healthy = False
+    up = await raw_upstream(lambda r: OK if healthy else HTML_503)
+    sc = await make_sidecar(
+        up.url,
+        sleep=Sleeps(),
+        retry={"max_attempts": 1},
+        breaker={"consecutive_failures": 3, "open_duration": 0.2, "open_duration_max": 0.2, "half_open_probes": 2},
+    )
+    for _ in range(3):
+        await exchange(sc.port, GET)
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].json()["error"]["code"] == "sidecar_circuit_open"
+    healthy = True
+    deadline = time.monotonic() + 5
+    while True:
+        answers, _ = await exchange(sc.port, GET)
+        if answers[0].status == 200:
+            break
+        assert time.monotonic() < deadline, "breaker never let a probe through"
+        await asyncio.sleep(0.02)
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].status == 200
+    assert sc.registry.get_sample_value("stripe_sidecar_breaker_state", {"scope": "GET /v1/customers/{id}"}) == 0
+    assert sc.registry.get_sample_value("stripe_sidecar_breaker_transitions_total", {"scope": "GET /v1/customers/{id}", "state": "closed"}) == 1
+
+
+async def test_declines_rate_limits_and_client_errors_never_trip_a_breaker(raw_upstream, make_sidecar):
+    """402s, 429s and 4xx are not upstream failures: the breaker stays closed through many of them."""
+    decline = NEVER_RETRIED[2]
+    lock = json_answer(429, b'{"error":{"type":"invalid_request_error","code":"lock_timeout"}}', reason=b"Too Many Requests")
+    answers_cycle = [decline, lock, NEVER_RETRIED[0]]
+    count = 0
+
+    def handler(r: Received) -> bytes:
+        nonlocal count
+        count += 1
+        return answers_cycle[count % 3]
+
+    up = await raw_upstream(handler)
+    sc = await make_sidecar(up.url, sleep=Sleeps(), retry={"max_attempts": 1}, breaker={"consecutive_failures": 3, "min_calls": 5})
+    for _ in range(30):
+        answers, _ = await exchange(sc.port, POST)
+        assert answers[0].status in (400, 402, 429)
+    assert sc.registry.get_sample_value("stripe_sidecar_breaker_state", {"scope": "POST /v1/payment_intents"}) == 0
+    assert len(up.received) == 30
+
+
+async def test_host_breaker_opens_when_failures_span_operations(raw_upstream, make_sidecar):
+    """Failures across several operations open the host breaker, failing fast even for a new operation."""
+    up = await raw_upstream(lambda r: HTML_503)
+    sc = await make_sidecar(
+        up.url,
+        sleep=Sleeps(),
+        retry={"max_attempts": 1},
+        breaker={"consecutive_failures": 100},
+        host_breaker={"consecutive_failures": 6, "min_failing_operations": 3},
+    )
+    for path in (b"/v1/customers/cus_1", b"/v1/balance", b"/v1/charges/ch_1") * 2:
+        await exchange(sc.port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+    answers, _ = await exchange(sc.port, b"GET /v1/refunds/re_1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answers[0].json()["error"]["code"] == "sidecar_circuit_open"
+    assert len(up.received) == 6
+    assert sc.registry.get_sample_value("stripe_sidecar_breaker_state", {"scope": "upstream"}) == 2
+
+
+async def test_rate_limiter_refuses_locally_when_the_wait_is_too_long(raw_upstream, make_sidecar):
+    """Beyond the burst, requests wait up to max_wait; past it they get a local 429 and Stripe sees nothing."""
+    up = await raw_upstream(lambda r: OK)
+    sleeps = Sleeps()
+    sc = await make_sidecar(
+        up.url,
+        sleep=sleeps,
+        ratelimit={"enabled": True, "endpoint_rate": 2.0, "endpoint_burst": 2.0, "max_wait": 0.6},
+    )
+    statuses = []
+    for _ in range(4):
+        answers, _ = await exchange(sc.port, GET)
+        statuses.append(answers[0].status)
+    # burst of 2, then a reservation 0.5 s ahead, then 1.0 s ahead (> max_wait): refused.
+    assert statuses == [200, 200, 200, 429]
+    assert 0.0 < sleeps.delays[0] <= 0.5
+    assert len(up.received) == 3
+    refused, _ = await exchange(sc.port, GET)
+    err = refused[0].json()["error"]
+    assert err["code"] == "sidecar_rate_limited"
+    assert refused[0].header("Retry-After") is not None
+
+
+async def test_rate_limited_429_slows_the_limiter(raw_upstream, make_sidecar):
+    """A 429 naming endpoint-rate halves that operation's client-side rate."""
+    limited = json_answer(429, b'{"error":{"type":"invalid_request_error","code":"rate_limit"}}', b"Stripe-Rate-Limited-Reason: endpoint-rate", reason=b"Too Many Requests")
+    up = await raw_upstream(script(limited, OK))
+    sc = await make_sidecar(up.url, sleep=Sleeps(), ratelimit={"enabled": True, "endpoint_rate": 40.0, "endpoint_burst": 40.0})
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].status == 200
+    rates = sc.forwarder.limiter.rates()
+    assert 20.0 <= rates["GET /v1/customers/{id}"] < 21.0
+    assert rates["global"] == 100.0
+
+
+async def test_bulkhead_bounds_requests_in_flight(raw_upstream, make_sidecar):
+    """With one slot, a second concurrent request waits max_wait then gets 503 sidecar_bulkhead_full."""
+    release = asyncio.Event()
+
+    async def slow(transport: asyncio.Transport) -> None:
+        await release.wait()
+        transport.write(OK)
+
+    up = await raw_upstream(lambda r: slow)
+    sc = await make_sidecar(up.url, bulkhead={"max_in_flight": 1, "max_wait": 0.05})
+    first = asyncio.create_task(exchange(sc.port, GET))
+    deadline = time.monotonic() + 5
+    while not up.received:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].status == 503
+    assert answers[0].json()["error"]["code"] == "sidecar_bulkhead_full"
+    release.set()
+    done, _ = await first
+    assert done[0].status == 200
+    assert len(up.received) == 1
+
+
+async def test_retry_budget_caps_retries(raw_upstream, make_sidecar):
+    """With a zero ratio and a tiny floor, only the floor's worth of retries is made."""
+    up = await raw_upstream(lambda r: HTML_503)
+    sc = await make_sidecar(
+        up.url,
+        sleep=Sleeps(),
+        retry={"budget_ratio": 0.0, "budget_min_per_second": 0.2, "budget_window": 10.0, "max_attempts": 4},
+        breaker={"enabled": False},
+        host_breaker={"enabled": False},
+    )
+    for _ in range(5):
+        await exchange(sc.port, GET)
+    # 0.2/s over a 10 s window = 2 retries in all (both by the first request), then none:
+    # the first request is refused a third retry, the other four their first.
+    assert len(up.received) == 5 + 2
+    assert sc.registry.get_sample_value("stripe_sidecar_retry_budget_exhausted_total", {"operation": "GET /v1/customers/{id}"}) == 5
+
+
+async def test_retries_off_is_a_transparent_proxy(raw_upstream, make_sidecar):
+    """With retries, breakers, limiter and injection off, a failure passes through after one attempt."""
+    up = await raw_upstream(lambda r: HTML_503)
+    sc = await make_sidecar(
+        up.url,
+        retry={"enabled": False},
+        breaker={"enabled": False},
+        host_breaker={"enabled": False},
+        idempotency={"inject": False},
+        bulkhead={"enabled": False},
+    )
+    answers, _ = await exchange(sc.port, POST)
+    assert answers[0].status == 503
+    assert answers[0].header("Stripe-Should-Retry") is None
+    assert up.received[0].header("Idempotency-Key") is None
