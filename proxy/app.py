@@ -7,8 +7,8 @@ import json
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from typing import IO
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -51,9 +51,7 @@ class Sidecar:
         self._rand = rand
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.log = Logger(
-            log_stream, level=config.log.level, access_log=config.log.access_log
-        )
+        self.log = Logger(log_stream, level=config.log.level, access_log=config.log.access_log)
         self._clock = clock
         self.started_at = clock()
         self.forwarder: Forwarder | None = None
@@ -112,7 +110,7 @@ class Sidecar:
         return clean
 
     # -- Handler protocol (used by proxy.server) -------------------------------------------
-    def forward(self, request: Request, conn: ClientConnection):  # type: ignore[no-untyped-def]
+    def forward(self, request: Request, conn: ClientConnection) -> Coroutine[Any, Any, None]:
         """Hand a Stripe API request to the pipeline."""
         assert self.forwarder is not None
         return self.forwarder.forward(request, conn)
@@ -120,7 +118,16 @@ class Sidecar:
     def operator(self, request: Request, path: str) -> bytes | None:
         """Answer /health, /ready and /metrics (a HEAD gets the head alone)."""
         if request.method not in ("GET", "HEAD"):
-            return _json_answer(405, {"error": {"type": "invalid_request_error", "code": "sidecar_method_not_allowed", "message": f"{path} answers GET only."}})
+            return _json_answer(
+                405,
+                {
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "sidecar_method_not_allowed",
+                        "message": f"{path} answers GET only.",
+                    }
+                },
+            )
         answer = self._operator(path)
         if answer is not None and request.method == "HEAD":
             answer = answer[: answer.index(b"\r\n\r\n") + 4]

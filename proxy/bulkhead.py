@@ -55,15 +55,11 @@ class Bulkhead:
                 await waiter
             return True
         except TimeoutError:
-            if waiter.done() and not waiter.cancelled():
-                return True  # a slot was handed over just as the wait ran out
-            return False
+            # A slot may have been handed over just as the wait ran out.
+            return waiter.done() and not waiter.cancelled()
         finally:
-            if not waiter.done() or waiter.cancelled():
-                try:
-                    self._waiters.remove(entry)
-                except ValueError:
-                    pass
+            if (not waiter.done() or waiter.cancelled()) and entry in self._waiters:
+                self._waiters.remove(entry)
 
     def leave(self, comp: Compartment) -> None:
         """Give a slot back and hand it to the first waiter that fits."""

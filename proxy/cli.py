@@ -1,4 +1,4 @@
-"""The ``stripe-sidecar`` command: serve, simulate, demo, check-config. The only place that exits."""
+"""The ``stripe-sidecar`` command: serve, simulate, demo, check-config. Only this module exits."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    return uvloop.run(coro)  # type: ignore[no-any-return]
+    return uvloop.run(coro)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,7 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "simulate":
             from proxy.simulator import run_simulator
 
-            run_simulator(args.host, args.port, args.profile, args.seed)
+            try:
+                run_simulator(args.host, args.port, args.profile, args.seed)
+            except ValueError as exc:  # an unknown fault profile
+                print(f"stripe-sidecar simulate: {exc}", file=sys.stderr)
+                return 2
             return 0
         if args.command == "demo":
             from proxy.demo import run_demo

@@ -135,9 +135,7 @@ class Config:
     def origins(self) -> dict[str, Origin]:
         """Upstream origin per host name, with ``upstream.override`` applied to all."""
         up = self.upstream
-        return {
-            name: Origin.parse(up.override or url) for name, url in up.hosts.items()
-        }
+        return {name: Origin.parse(up.override or url) for name, url in up.hosts.items()}
 
 
 # -- value rules ------------------------------------------------------------------------------
@@ -340,7 +338,9 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         try:
             Origin.parse(config.upstream.override)
         except ValueError:
-            problems.append(f"upstream.override: {config.upstream.override!r} is not an http(s) URL")
+            problems.append(
+                f"upstream.override: {config.upstream.override!r} is not an http(s) URL"
+            )
     for i, route in enumerate(config.upstream.routes):
         if route.host not in config.upstream.hosts:
             problems.append(f"upstream.routes[{i}].host: {route.host!r} is not in upstream.hosts")
@@ -362,9 +362,15 @@ def config_from_dict(data: Any, *, source: str = "config") -> Config:
     if isinstance(config.operations, dict) and config.operations:
         resolved: dict[str, OperationSettings] = {}
         for op, body in config.operations.items():
-            retry = _merge(RetrySettings, config.retry, body.get("retry"), f"operations.{op}.retry", problems)
+            retry = _merge(
+                RetrySettings, config.retry, body.get("retry"), f"operations.{op}.retry", problems
+            )
             breaker = _merge(
-                BreakerSettings, config.breaker, body.get("breaker"), f"operations.{op}.breaker", problems
+                BreakerSettings,
+                config.breaker,
+                body.get("breaker"),
+                f"operations.{op}.breaker",
+                problems,
             )
             resolved[op] = OperationSettings(retry=retry, breaker=breaker)
         config = dataclasses.replace(config, operations=resolved)
@@ -396,7 +402,9 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError([f"{line}not valid YAML: {getattr(exc, 'problem', exc)}"], source) from None
+        raise ConfigError(
+            [f"{line}not valid YAML: {getattr(exc, 'problem', exc)}"], source
+        ) from None
     return config_from_dict(data, source=source)
 
 

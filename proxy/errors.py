@@ -25,7 +25,7 @@ class SidecarError(Exception):
 
 
 class ConfigError(SidecarError):
-    """A configuration was rejected; ``problems`` holds one line per problem, each with its key path."""
+    """A configuration was rejected; ``problems`` lists each problem with its key path."""
 
     def __init__(self, problems: list[str], source: str = "config") -> None:
         self.problems = problems

@@ -198,7 +198,9 @@ class Forwarder:
         except Exception as exc:  # a bug must cost one request, never the connection loop
             self.log.event("internal_error", "error", operation=op.name, error=repr(exc))
             conn.finish(
-                error_response(500, "internal_error", "The sidecar failed to handle this request.", close=True),
+                error_response(
+                    500, "internal_error", "The sidecar failed to handle this request.", close=True
+                ),
                 keep_alive=False,
             )
             op.metrics.request(500, "internal_error", self._clock() - start)
@@ -227,11 +229,14 @@ class Forwarder:
                 op.metrics.limiter_wait(wait)
                 await self._sleep(wait)
         bulkhead = self.bulkhead
-        if bulkhead is not None and not bulkhead.try_enter(op.compartment):
-            if not await bulkhead.enter(op.compartment):
-                self._release_breakers(op)
-                self._answer_refusal(req, conn, op, start, "bulkhead_full")
-                return
+        if (
+            bulkhead is not None
+            and not bulkhead.try_enter(op.compartment)
+            and not await bulkhead.enter(op.compartment)
+        ):
+            self._release_breakers(op)
+            self._answer_refusal(req, conn, op, start, "bulkhead_full")
+            return
 
         # idempotency: make a POST safe to repeat
         injected: bytes | None = None
@@ -257,7 +262,11 @@ class Forwarder:
             b"".join(head_lines),
         )
         if req.source is not None:
-            head += b"Transfer-Encoding: chunked\r\n\r\n" if req.chunked else b"Content-Length: %d\r\n\r\n" % (req.content_length or 0)
+            head += (
+                b"Transfer-Encoding: chunked\r\n\r\n"
+                if req.chunked
+                else b"Content-Length: %d\r\n\r\n" % (req.content_length or 0)
+            )
         elif body or method in ("POST", "PUT", "PATCH"):
             head += b"Content-Length: %d\r\n\r\n" % len(body)
         else:
@@ -356,7 +365,9 @@ class Forwarder:
             self._answer(req, conn, resp, verdict, attempt, injected, retried_or_could)
         else:
             assert error is not None
-            status = self._answer_error(req, conn, error, verdict, attempt, injected, retried_or_could)
+            status = self._answer_error(
+                req, conn, error, verdict, attempt, injected, retried_or_could
+            )
 
         # record
         duration = self._clock() - start
@@ -459,7 +470,9 @@ class Forwarder:
             resp.status,
             resp.reason,
             b"".join(headers),
-            self._sidecar_lines(attempts, verdict.outcome, injected, resp.idempotency_key is not None),
+            self._sidecar_lines(
+                attempts, verdict.outcome, injected, resp.idempotency_key is not None
+            ),
         )
         status = resp.status
         if req.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
@@ -470,7 +483,9 @@ class Forwarder:
             return
         if resp.complete:
             body = resp.body_bytes()
-            conn.finish(head + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), keep_alive=keep_alive)
+            conn.finish(
+                head + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), keep_alive=keep_alive
+            )
             return
         # A large answer: stream it, framed by the upstream's length or re-chunked.
         if resp.content_length is not None:
@@ -513,20 +528,30 @@ class Forwarder:
         op.metrics.fail_fast(reason)
         if reason == "circuit_open":
             wait = max(op.breaker.retry_after(), self.host_breaker.retry_after())
-            status, type_, message = 503, "api_error", (
-                f"The circuit breaker for {op.name} is open after repeated upstream failures; "
-                f"failing fast. Try again in {wait:.1f} s."
+            status, type_, message = (
+                503,
+                "api_error",
+                (
+                    f"The circuit breaker for {op.name} is open after repeated upstream failures; "
+                    f"failing fast. Try again in {wait:.1f} s."
+                ),
             )
         elif reason == "rate_limited":
             wait = self.config.ratelimit.max_wait
-            status, type_, message = 429, "invalid_request_error", (
-                "The sidecar's client-side rate limit for this operation is exhausted; "
-                "this request was not sent to Stripe."
+            status, type_, message = (
+                429,
+                "invalid_request_error",
+                (
+                    "The sidecar's client-side rate limit for this operation is exhausted; "
+                    "this request was not sent to Stripe."
+                ),
             )
         else:
             wait = 1.0
-            status, type_, message = 503, "api_error", (
-                "Too many requests are in flight to Stripe; this request was not sent."
+            status, type_, message = (
+                503,
+                "api_error",
+                ("Too many requests are in flight to Stripe; this request was not sent."),
             )
         extra = b"Retry-After: %d\r\nStripe-Should-Retry: false\r\n" % max(1, math.ceil(wait))
         if self._sidecar_headers:

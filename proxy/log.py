@@ -17,7 +17,9 @@ from typing import IO, Any
 __all__ = ["Logger", "redact"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-_KEY = re.compile(r"\b((?:sk|rk|pk)_(?:live|test)_)[A-Za-z0-9]+|(Bearer|Basic)\s+[A-Za-z0-9+/=._-]+")
+_KEY = re.compile(
+    r"\b((?:sk|rk|pk)_(?:live|test)_)[A-Za-z0-9]+|(Bearer|Basic)\s+[A-Za-z0-9+/=._-]+"
+)
 
 
 def redact(text: str) -> str:

@@ -125,11 +125,11 @@ class OperationMetrics:
     """Metric children for one operation, so the hot path does no label resolution."""
 
     __slots__ = (
+        "_attempts",
         "_m",
         "_method",
         "_operation",
         "_requests",
-        "_attempts",
         "attempt_duration",
         "request_duration",
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
 
 import httptools
@@ -172,7 +172,7 @@ class BodyStream:
 class Handler(Protocol):
     """What the server hands complete requests to."""
 
-    def forward(self, request: Request, conn: ClientConnection) -> Awaitable[None]:
+    def forward(self, request: Request, conn: ClientConnection) -> Coroutine[Any, Any, None]:
         """Send a Stripe API request upstream and answer the client."""
         ...
 
@@ -295,7 +295,15 @@ class ClientConnection(asyncio.Protocol):
         except _Reject as rej:
             self._refuse(rej.answer)
         except httptools.HttpParserUpgrade:
-            self._refuse(error_response(400, "upgrade_refused", "Protocol upgrades are not supported.", type_="invalid_request_error", close=True))
+            self._refuse(
+                error_response(
+                    400,
+                    "upgrade_refused",
+                    "Protocol upgrades are not supported.",
+                    type_="invalid_request_error",
+                    close=True,
+                )
+            )
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, _Reject):
@@ -431,18 +439,62 @@ class ClientConnection(asyncio.Protocol):
         req.target = target
         server = self._server
         if req.method == "CONNECT":
-            raise _Reject(error_response(405, "method_not_allowed", "CONNECT is not supported: this is not an open proxy.", type_="invalid_request_error", close=True))
+            raise _Reject(
+                error_response(
+                    405,
+                    "method_not_allowed",
+                    "CONNECT is not supported: this is not an open proxy.",
+                    type_="invalid_request_error",
+                    close=True,
+                )
+            )
         if not target.startswith(b"/"):
-            raise _Reject(error_response(400, "absolute_target_refused", "Only origin-form request targets (/v1/...) are accepted: this is not an open proxy.", type_="invalid_request_error", close=True))
+            raise _Reject(
+                error_response(
+                    400,
+                    "absolute_target_refused",
+                    "Only origin-form request targets (/v1/...) are accepted: "
+                    "this is not an open proxy.",
+                    type_="invalid_request_error",
+                    close=True,
+                )
+            )
         path = target.split(b"?", 1)[0].decode("latin-1")
         req.path = path
         if not path.startswith(_API_PREFIXES) and path not in server.operator_paths:
-            raise _Reject(error_response(404, "not_a_stripe_path", f"Unrecognized request URL ({req.method}: {_printable(path)}). The sidecar forwards only Stripe API paths (/v1/, /v2/, /oauth/).", type_="invalid_request_error", close=True))
+            raise _Reject(
+                error_response(
+                    404,
+                    "not_a_stripe_path",
+                    f"Unrecognized request URL ({req.method}: {_printable(path)}). The sidecar "
+                    "forwards only Stripe API paths (/v1/, /v2/, /oauth/).",
+                    type_="invalid_request_error",
+                    close=True,
+                )
+            )
         if _UNSAFE_PATH.search(path):
-            raise _Reject(error_response(400, "unsafe_path", "The request path contains dot segments, encoded slashes or control characters, which are refused.", type_="invalid_request_error", close=True))
+            raise _Reject(
+                error_response(
+                    400,
+                    "unsafe_path",
+                    "The request path contains dot segments, encoded slashes or control "
+                    "characters, which are refused.",
+                    type_="invalid_request_error",
+                    close=True,
+                )
+            )
         length = req.content_length
         if length is not None and length > server.max_body_bytes:
-            raise _Reject(error_response(413, "body_too_large", f"The request body ({length} bytes) exceeds the sidecar's limit of {server.max_body_bytes} bytes.", type_="invalid_request_error", close=True))
+            raise _Reject(
+                error_response(
+                    413,
+                    "body_too_large",
+                    f"The request body ({length} bytes) exceeds the sidecar's limit of "
+                    f"{server.max_body_bytes} bytes.",
+                    type_="invalid_request_error",
+                    close=True,
+                )
+            )
         if req.chunked or (length is not None and length > server.max_buffered_body):
             # Too large (or of unknown size) to hold for a retry: forward while it arrives.
             req.source = BodyStream(self, req.chunked)
@@ -457,7 +509,16 @@ class ClientConnection(asyncio.Protocol):
         req = self._req
         assert req is not None
         if self._body_bytes > self._server.max_body_bytes:
-            raise _Reject(error_response(413, "body_too_large", f"The request body exceeds the sidecar's limit of {self._server.max_body_bytes} bytes.", type_="invalid_request_error", close=True))
+            raise _Reject(
+                error_response(
+                    413,
+                    "body_too_large",
+                    "The request body exceeds the sidecar's limit of "
+                    f"{self._server.max_body_bytes} bytes.",
+                    type_="invalid_request_error",
+                    close=True,
+                )
+            )
         if req.source is not None:
             req.source.feed(chunk)
         else:
@@ -561,17 +622,40 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     def _too_large_head(self) -> bytes:
-        return error_response(431, "headers_too_large", f"The request line and headers exceed the sidecar's limit of {self._server.max_header_bytes} bytes.", type_="invalid_request_error", close=True)
+        return error_response(
+            431,
+            "headers_too_large",
+            "The request line and headers exceed the sidecar's limit of "
+            f"{self._server.max_header_bytes} bytes.",
+            type_="invalid_request_error",
+            close=True,
+        )
 
     @staticmethod
     def _framing(what: str) -> bytes:
-        return error_response(400, "ambiguous_framing", f"The request has {what}; refused because its framing is ambiguous.", type_="invalid_request_error", close=True)
+        return error_response(
+            400,
+            "ambiguous_framing",
+            f"The request has {what}; refused because its framing is ambiguous.",
+            type_="invalid_request_error",
+            close=True,
+        )
 
     def _head_timeout(self) -> None:
         self._timer = None
         if self._req is not None or not self.busy:
             started = self._req is not None
-            self._refuse(error_response(408, "header_timeout", "The request headers did not arrive in time.", type_="invalid_request_error", close=True) if started else b"")
+            self._refuse(
+                error_response(
+                    408,
+                    "header_timeout",
+                    "The request headers did not arrive in time.",
+                    type_="invalid_request_error",
+                    close=True,
+                )
+                if started
+                else b""
+            )
 
     def _idle_timeout(self) -> None:
         self._timer = None

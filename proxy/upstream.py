@@ -84,9 +84,11 @@ class Response:
     """An upstream answer: status, headers to pass on, and the body read so far."""
 
     __slots__ = (
+        "body",
         "complete",
         "conn",
         "content_length",
+        "failed",
         "headers",
         "idempotency_key",
         "rate_limited_reason",
@@ -95,8 +97,6 @@ class Response:
         "retry_after",
         "should_retry",
         "status",
-        "body",
-        "failed",
     )
 
     def __init__(self) -> None:
@@ -162,6 +162,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._sink: Sink | None = None
         self._head_request = False
+        self._chunked = False
         self._reset_parser = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -183,11 +184,12 @@ class _Connection(asyncio.Protocol):
             self._fail(TransportError.RESET, "upstream tried to switch protocols")
 
     def eof_received(self) -> bool | None:
-        # A close-delimited body ends at EOF; anything else is a broken answer.
-        try:
-            self._parser.feed_data(b"")
-        except httptools.HttpParserError:
-            pass
+        # A body with neither length nor chunking ends at EOF (RFC 9112 6.3); llhttp cannot be
+        # told so, so the answer is completed here. Anything else cut short is a broken answer.
+        resp = self._resp
+        if resp is not None and resp.status and resp.content_length is None and not self._chunked:
+            self.keep_alive = False
+            self._finish()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -217,6 +219,8 @@ class _Connection(asyncio.Protocol):
             return
         lname = name.lower()
         if lname in _HOP_BY_HOP:
+            if lname == b"transfer-encoding":
+                self._chunked = True
             return
         if lname == b"content-length":
             try:
@@ -349,6 +353,7 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         self._resp = Response()
         self._buffered = 0
+        self._chunked = False
         self._head_request = head_request
         waiter = self._loop.create_future()
         self._waiter = waiter
@@ -358,13 +363,12 @@ class _Connection(asyncio.Protocol):
             self._transport.write(head)
         return waiter
 
-    async def send_streaming(
-        self, head: bytes, source: BodySource, head_request: bool
-    ) -> Response:
+    async def send_streaming(self, head: bytes, source: BodySource, head_request: bool) -> Response:
         """Write a request whose body is still arriving, with backpressure to the client."""
         assert self._transport is not None
         self._resp = Response()
         self._buffered = 0
+        self._chunked = False
         self._head_request = head_request
         waiter: asyncio.Future[Response] = self._loop.create_future()
         self._waiter = waiter

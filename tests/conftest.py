@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import uvloop
+from rawupstream import Answer, RawUpstream, Received
 
 from proxy.app import Sidecar
 from proxy.config import config_from_dict
-from rawupstream import Answer, RawUpstream, Received
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:

@@ -132,7 +132,10 @@ class _Proto(asyncio.Protocol):
 def json_answer(status: int, body: bytes, *extra: bytes, reason: bytes = b"OK") -> bytes:
     """A plain keep-alive JSON answer with optional extra header lines."""
     head = b"".join(e + b"\r\n" for e in extra)
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b\r\n%b"
-        % (status, reason, len(body), head, body)
+    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b\r\n%b" % (
+        status,
+        reason,
+        len(body),
+        head,
+        body,
     )

@@ -6,7 +6,6 @@ import asyncio
 import gzip
 
 import pytest
-
 from rawclient import exchange, open_raw
 from rawupstream import Received, json_answer
 
@@ -321,3 +320,19 @@ async def test_routes_pick_the_stripe_host_per_path(raw_upstream, make_sidecar):
     assert [r.target for r in connect.received] == [b"/oauth/token"]
     assert [r.target for r in api.received] == [b"/v1/files/file_1A", b"/v1/customers"]
     assert files.received[0].header("Host") == f"127.0.0.1:{files.port}".encode()
+
+
+async def test_close_delimited_answer_ends_at_eof(raw_upstream, make_sidecar):
+    """An answer with neither length nor chunking is complete when the upstream closes."""
+
+    async def close_delimited(transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+        transport.write(b'{"object":"balance"}')
+        transport.close()
+
+    up = await raw_upstream(lambda r: close_delimited)
+    sc = await make_sidecar(up.url)
+    answers, _ = await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answers[0].status == 200
+    assert answers[0].body == b'{"object":"balance"}'
+    assert answers[0].header("Content-Length") == b"20"
