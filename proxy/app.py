@@ -148,12 +148,24 @@ class Sidecar:
             payload = {"ready": not draining, "breakers": self._breaker_summary()}
             return _json_answer(503 if draining else 200, payload)
         if path == "/metrics":
+            self._refresh_gauges()
             body = self.metrics.render()
             return (
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
                 b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
             )
         return None
+
+    def _refresh_gauges(self) -> None:
+        """Bring state that changes with time alone (limiter rates, breakers) up to now."""
+        fw = self.forwarder
+        if fw is None:
+            return
+        for breaker in fw.breakers().values():
+            _ = breaker.state  # moves OPEN -> HALF_OPEN when due, which updates its gauge
+        if fw.limiter is not None:
+            for scope, rate in fw.limiter.rates().items():
+                self.metrics.limiter_rate.labels(scope).set(rate)
 
     def _breaker_summary(self) -> dict[str, str]:
         if self.forwarder is None:
