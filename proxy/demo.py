@@ -17,20 +17,22 @@ import io
 import json
 import math
 import sys
+import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import IO, Any, Final, Literal
 
 import aiohttp
+from prometheus_client import CollectorRegistry
 
 from proxy.app import Sidecar
-from proxy.config import config_from_dict
+from proxy.config import Config, config_from_dict
 from proxy.simulator import start_simulator
 from proxy.simulator.faults import resolve_profile
 
-__all__ = ["Comparison", "RunReport", "compare", "render", "run_demo"]
+__all__ = ["Comparison", "RunReport", "SidecarCounts", "compare", "render", "run_demo"]
 
 OPERATION: Final = "POST /v1/payment_intents"
 PATH: Final = "/v1/payment_intents"
@@ -134,6 +136,7 @@ class RunReport:
     p50_ms: float
     p99_ms: float
     seconds: float
+    books: Mapping[str, Any] = field(default_factory=dict)  # the snapshot these came from
 
     @property
     def success_rate(self) -> float:
@@ -168,18 +171,55 @@ def summarize(label: str, seen: Sequence[Seen], books: Mapping[str, Any],
         p50_ms=percentile(latencies, 50),
         p99_ms=percentile(latencies, 99),
         seconds=seconds,
+        books=books,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarCounts:
+    """What the sidecar's own metrics say it did for the workload's operation."""
+
+    upstream_attempts: int = 0
+    retries: Mapping[str, int] = field(default_factory=dict)  # cause (outcome) -> retries
+    fail_fast: Mapping[str, int] = field(default_factory=dict)  # reason -> answers
+    budget_exhausted: int = 0  # retries not made: the retry budget was spent
+
+
+def sidecar_counts(samples: Iterable[tuple[str, Mapping[str, str], float]]) -> SidecarCounts:
+    """Pick the workload's counters out of ``(name, labels, value)`` metric samples."""
+    attempts = 0.0
+    budget = 0.0
+    retries: Counter[str] = Counter()
+    fail_fast: Counter[str] = Counter()
+    for name, labels, value in samples:
+        if labels.get("operation") != OPERATION:
+            continue
+        if name == "stripe_sidecar_upstream_attempts_total":
+            attempts += value
+        elif name == "stripe_sidecar_retries_total":
+            retries[labels["outcome"]] += round(value)
+        elif name == "stripe_sidecar_fail_fast_total":
+            fail_fast[labels["reason"]] += round(value)
+        elif name == "stripe_sidecar_retry_budget_exhausted_total":
+            budget += value
+    return SidecarCounts(
+        upstream_attempts=round(attempts),
+        retries={k: v for k, v in retries.most_common() if v},
+        fail_fast={k: v for k, v in fail_fast.most_common() if v},
+        budget_exhausted=round(budget),
     )
 
 
 @dataclass(frozen=True, slots=True)
 class Comparison:
-    """Both runs of the demo, and how they were set up."""
+    """Both runs of the demo, how they were set up, and the sidecar's own counts."""
 
     profile: str
     seed: int
     concurrency: int
     direct: RunReport
     sidecar: RunReport
+    counts: SidecarCounts = field(default_factory=SidecarCounts)
 
 
 def render_table(direct: RunReport, sidecar: RunReport) -> str:
@@ -201,43 +241,68 @@ def render_table(direct: RunReport, sidecar: RunReport) -> str:
     return "\n".join(f"{a:<28}{b:>10}{c:>20}".rstrip() for a, b, c in rows) + "\n"
 
 
-def _failure_list(failures: Mapping[str, int]) -> str:
-    return ", ".join(f"{count} {detail}" for detail, count in failures.items())
+def _listing(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{count} {what}" for what, count in counts.items())
 
 
-def render_summary(direct: RunReport, sidecar: RunReport) -> str:
-    """A few plain-English sentences on what the table shows."""
-    lines: list[str] = []
-    recovered = direct.failed - sidecar.failed
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def render_summary(direct: RunReport, sidecar: RunReport, counts: SidecarCounts) -> str:
+    """A few plain-English sentences on what the table shows, one paragraph each."""
+    d, s = direct, sidecar
+    paragraphs: list[str] = []
+    recovered = d.failed - s.failed
     if recovered > 0:
-        head = f"The sidecar recovered {recovered} of the {direct.failed} failures the app saw " \
-               "directly"
+        verdict = f"the sidecar recovered {recovered}"
     elif recovered == 0:
-        head = f"The sidecar left as many failures as the direct run ({sidecar.failed})"
+        verdict = "the sidecar recovered none"
     else:
-        head = f"The sidecar ended with {-recovered} more failures than the direct run"
-    extra = sidecar.attempts_per_payment - 1.0
-    lines.append(
-        f"{head}, created {sidecar.duplicates} duplicate charges and lost "
-        f"{sidecar.lost_writes} writes, at {extra:+.2f} upstream attempts per payment."
+        verdict = f"the sidecar saw {-recovered} more"
+    duplicates = _plural(s.duplicates, "duplicate charge", "duplicate charges")
+    paragraphs.append(
+        f"{_plural(d.failed, 'payment', 'payments')} failed directly and {s.failed} through "
+        f"the sidecar: {verdict}, created {duplicates} and lost "
+        f"{_plural(s.lost_writes, 'write', 'writes')}."
     )
-    if direct.failed:
-        lines.append(
-            f"Directly, {direct.failed} payments failed ({_failure_list(direct.failures)}); "
-            f"{direct.lost_writes} of them were executed by Stripe anyway (lost writes: the app "
-            f"cannot tell whether to charge again) and {direct.duplicates} were charged twice."
+    load = (
+        f"It sent Stripe {s.attempts_per_payment:.2f} requests per payment "
+        f"(direct: {d.attempts_per_payment:.2f})"
+    )
+    details = []
+    retries = sum(counts.retries.values())
+    if retries:
+        details.append(f"{_plural(retries, 'retry', 'retries')} ({_listing(counts.retries)})")
+    if counts.budget_exhausted:
+        details.append(f"{counts.budget_exhausted} not retried because the retry budget was spent")
+    fail_fast = sum(counts.fail_fast.values())
+    if fail_fast:
+        details.append(
+            f"{fail_fast} answered at once without calling Stripe ({_listing(counts.fail_fast)})"
         )
-    if sidecar.failed:
-        lines.append(
-            f"Through the sidecar, {sidecar.failed} still failed "
-            f"({_failure_list(sidecar.failures)})."
+    paragraphs.append(load + (": " + "; ".join(details) if details else "") + ".")
+    if counts.upstream_attempts != s.upstream_attempts:
+        paragraphs[-1] += (
+            f" Stripe's books show {s.upstream_attempts} requests where the sidecar's attempt "
+            f"metric counts {counts.upstream_attempts}."
         )
-    if sidecar.declined or direct.declined:
-        lines.append(
-            f"Card declines ({sidecar.declined} through the sidecar, {direct.declined} directly) "
-            "are business answers: passed through as 402, not retried."
+    if d.failed:
+        lost = (
+            f" Stripe had executed {d.lost_writes} of them anyway (the connection dropped after "
+            "the work): lost writes, as the app cannot tell whether to charge again."
+            if d.lost_writes else ""
         )
-    return "\n".join(lines) + "\n"
+        paragraphs.append(f"Directly, the app saw {_listing(d.failures)}.{lost}")
+    if s.failed:
+        paragraphs.append(f"Through the sidecar, the app saw {_listing(s.failures)}.")
+    if d.declined or s.declined:
+        retried = counts.retries.get("card_declined", 0)
+        paragraphs.append(
+            f"Card declines ({d.declined} direct, {s.declined} through the sidecar) are a "
+            f"business answer: passed through as 402, retried {_plural(retried, 'time', 'times')}."
+        )
+    return "".join(textwrap.fill(p, width=96) + "\n" for p in paragraphs)
 
 
 def render(comparison: Comparison) -> str:
@@ -245,10 +310,12 @@ def render(comparison: Comparison) -> str:
     c = comparison
     return (
         f"{c.direct.attempted} payments, concurrency {c.concurrency}, fault profile "
-        f"{c.profile!r}, seed {c.seed}; the app neither retries nor sends Idempotency-Keys.\n\n"
+        f"{c.profile!r}, seed {c.seed}.\n"
+        "The app neither retries nor sends an Idempotency-Key. The sidecar runs with its\n"
+        "defaults, rate limits raised so that they do not throttle the demo.\n\n"
         + render_table(c.direct, c.sidecar)
         + "\n"
-        + render_summary(c.direct, c.sidecar)
+        + render_summary(c.direct, c.sidecar, c.counts)
         + f"\nRun time: direct {c.direct.seconds:.1f} s, through sidecar "
         f"{c.sidecar.seconds:.1f} s.\n"
     )
@@ -268,12 +335,14 @@ class Progress:
         self._total = 0
         self._counts: Counter[Result] = Counter()
         self._last = -math.inf
+        self._started = 0.0
 
     def start(self, phase: str, total: int) -> None:
         """Begin a phase of ``total`` payments."""
         self._phase, self._total = phase, total
         self._counts = Counter()
         self._last = -math.inf
+        self._started = self._clock()
         self._show(force=True)
 
     def record(self, result: Result) -> None:
@@ -296,7 +365,7 @@ class Progress:
         c = self._counts
         done = c["succeeded"] + c["declined"] + c["failed"]
         line = (f"[{self._phase}] {done}/{self._total}  ok {c['succeeded']}  "
-                f"declined {c['declined']}  failed {c['failed']}")
+                f"declined {c['declined']}  failed {c['failed']}  {now - self._started:.1f} s")
         if self._tty:
             self._stream.write(f"\r{line}\x1b[K")
         else:
@@ -355,7 +424,8 @@ async def _run_phase(label: str, base_url: str, payments: Sequence[Payment], con
     return summarize(label, seen, books(), seconds)
 
 
-def _sidecar_config(upstream_url: str) -> Any:
+def _sidecar_config(upstream_url: str) -> Config:
+    """The sidecar's defaults, pointed at ``upstream_url``, with rate limits that never bind."""
     return config_from_dict(
         {
             "server": {"listen": "127.0.0.1:0", "shutdown_grace": 2.0},
@@ -380,14 +450,21 @@ async def compare(*, requests: int, concurrency: int, profile: str, seed: int,
         sim_behind = await stack.enter_async_context(start_simulator(profile=profile, seed=seed))
         direct = await _run_phase("direct", sim_direct.url, payments, concurrency, progress,
                                   sim_direct.books)
-        sidecar = Sidecar(_sidecar_config(sim_behind.url), log_stream=io.StringIO())
+        registry = CollectorRegistry()
+        sidecar = Sidecar(_sidecar_config(sim_behind.url), registry=registry,
+                          log_stream=io.StringIO())
         port = await sidecar.start()
         try:
             behind = await _run_phase("through sidecar", f"http://127.0.0.1:{port}", payments,
                                       concurrency, progress, sim_behind.books)
         finally:
             await sidecar.stop()
-    return Comparison(profile, seed, concurrency, direct, behind)
+    samples = (
+        (sample.name, sample.labels, sample.value)
+        for family in registry.collect()
+        for sample in family.samples
+    )
+    return Comparison(profile, seed, concurrency, direct, behind, sidecar_counts(samples))
 
 
 async def run_demo(*, requests: int = 600, concurrency: int = 20, profile: str = "bad_day",

@@ -40,6 +40,7 @@ class UpstreamError(SidecarError):
     def __init__(self, kind: TransportError, message: str, *, response_started: bool = False):
         self.kind = kind
         self.response_started = response_started
+        self.resent = False  # the request went out twice (a stale pooled connection first)
         super().__init__(message)
 
 

@@ -288,7 +288,9 @@ class Forwarder:
                     if req.source is not None:
                         resp = await self._attempt_streaming(pool, head, req, timeout)
                     else:
-                        resp = await self._attempt(pool, head, body, method, has_key, timeout)
+                        resp = await self._attempt(pool, head, body, method, has_key, timeout, op)
+                    if resp.resent:
+                        attempt += 1
                     error = None
                     verdict = classify_response(
                         resp.status,
@@ -299,6 +301,8 @@ class Forwarder:
                 except UpstreamError as exc:
                     resp, error = None, exc
                     verdict = classify_transport_error(exc.kind)
+                    if exc.resent:
+                        attempt += 1
                 duration = self._clock() - t0
                 op.metrics.attempt(verdict.outcome, duration)
                 failure = verdict.upstream_failure
@@ -384,9 +388,23 @@ class Forwarder:
             )
 
     async def _attempt(
-        self, pool: Pool, head: bytes, body: bytes, method: str, has_key: bool, timeout: float
+        self,
+        pool: Pool,
+        head: bytes,
+        body: bytes,
+        method: str,
+        has_key: bool,
+        timeout: float,
+        op: _Op,
     ) -> Response:
-        """One attempt with a buffered body; a stale pooled connection is replaced once."""
+        """One attempt with a buffered body; a stale pooled connection is replaced once.
+
+        A pooled connection the server closed just as it was reused breaks before any answer.
+        A repeatable request then goes again at once on a fresh connection: a burst of stale
+        connections after a quiet spell must not look like an outage to the breakers. The lost
+        send still counts as an attempt (Stripe may have received it), so metrics and
+        ``Sidecar-Attempts`` tell the truth.
+        """
         conn = await pool.acquire()
         loop = pool.loop
         timer = loop.call_later(timeout, conn.on_timeout)
@@ -394,8 +412,6 @@ class Forwarder:
             try:
                 return await conn.send(head, body, method == "HEAD")
             except UpstreamError as exc:
-                # The server closed a pooled connection just as we reused it: nothing was
-                # answered, so a repeatable request goes again at once on a fresh connection.
                 if (
                     not conn.reused
                     or exc.response_started
@@ -404,9 +420,16 @@ class Forwarder:
                 ):
                     raise
             timer.cancel()
+            op.metrics.attempt(Outcome.CONNECTION_ERROR, 0.0)
             fresh = await pool.connect()
             timer = loop.call_later(timeout, fresh.on_timeout)
-            return await fresh.send(head, body, method == "HEAD")
+            try:
+                resp = await fresh.send(head, body, method == "HEAD")
+            except UpstreamError as exc:
+                exc.resent = True
+                raise
+            resp.resent = True
+            return resp
         finally:
             timer.cancel()
 

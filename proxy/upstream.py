@@ -92,6 +92,7 @@ class Response:
         "headers",
         "idempotency_key",
         "rate_limited_reason",
+        "resent",
         "reason",
         "request_id",
         "retry_after",
@@ -114,6 +115,7 @@ class Response:
         self.idempotency_key: bytes | None = None
         self.conn: _Connection | None = None
         self.failed = False
+        self.resent = False  # sent a second time after a stale pooled connection broke
 
     def body_bytes(self) -> bytes:
         """The whole buffered body (only meaningful when ``complete``)."""

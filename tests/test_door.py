@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import pytest
-
 from rawclient import exchange, open_raw
 from rawupstream import json_answer
 

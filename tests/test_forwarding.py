@@ -336,3 +336,23 @@ async def test_close_delimited_answer_ends_at_eof(raw_upstream, make_sidecar):
     assert answers[0].status == 200
     assert answers[0].body == b'{"object":"balance"}'
     assert answers[0].header("Content-Length") == b"20"
+
+
+async def test_resend_after_a_reused_connection_breaks_is_counted(raw_upstream, make_sidecar):
+    """A request lost on a reused connection goes again at once, and both sends are counted."""
+    seq = [OK, None, OK]  # the second request is read, then the connection is dropped
+
+    def handler(r: Received):
+        return seq.pop(0)
+
+    up = await raw_upstream(handler)
+    sc = await make_sidecar(up.url, retry={"enabled": False})
+    await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n")
+    answers, _ = await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answers[0].status == 200
+    assert answers[0].header("Sidecar-Attempts") == b"2"
+    assert len(up.received) == 3
+    assert [r.conn_id for r in up.received] == [1, 1, 2]
+    get = sc.registry.get_sample_value
+    assert get("stripe_sidecar_upstream_attempts_total", {"operation": "GET /v1/balance", "outcome": "connection_error"}) == 1
+    assert get("stripe_sidecar_upstream_attempts_total", {"operation": "GET /v1/balance", "outcome": "success"}) == 2

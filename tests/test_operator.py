@@ -12,10 +12,10 @@ import sys
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
-
-from proxy import __version__
 from rawclient import exchange, open_raw
 from rawupstream import json_answer
+
+from proxy import __version__
 
 OK = json_answer(200, b'{"object":"customer"}')
 
