@@ -181,7 +181,7 @@ async def test_bodyless_statuses(raw_upstream, make_sidecar, status):
     """204 and 304 answers carry no body and leave the connection usable."""
     up = await raw_upstream(lambda r: b"HTTP/1.1 %d X\r\nETag: \"1\"\r\n\r\n" % status if r.target.endswith(b"/a") else OK)
     sc = await make_sidecar(up.url)
-    answers, closed = await exchange(
+    answers, _ = await exchange(
         sc.port,
         b"GET /v1/x/a HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/x/b HTTP/1.1\r\nHost: x\r\n\r\n",
         answers=2,

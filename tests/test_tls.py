@@ -6,7 +6,6 @@ import asyncio
 import ssl
 
 import trustme
-
 from rawclient import exchange
 
 BODY = b'{"object":"balance"}'
