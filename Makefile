@@ -21,7 +21,7 @@ tests/node/node_modules/.package-lock.json: tests/node/package-lock.json
 demo: $(VENV)/.installed
 	$(BIN)/stripe-sidecar demo
 
-test: $(VENV)/.installed tests/node/node_modules/.package-lock.json
+test: lint tests/node/node_modules/.package-lock.json
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
