@@ -25,7 +25,7 @@ test: lint tests/node/node_modules/.package-lock.json
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff check proxy tests
 	$(BIN)/mypy
 
 # Benchmarks need Envoy (PyPI wheel), wrk and nginx (Debian); see bench/README.md.
