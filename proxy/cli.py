@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=int, default=20)
     demo.add_argument("--profile", default="bad_day")
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument(
+        "--skip-outage",
+        action="store_true",
+        help="skip the second phase (Stripe down for 7 s behind a sidecar; about 12 s)",
+    )
     return p
 
 
@@ -104,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     concurrency=args.concurrency,
                     profile=args.profile,
                     seed=args.seed,
+                    outage=not args.skip_outage,
                 )
             )
     except ConfigError as exc:

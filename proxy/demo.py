@@ -5,8 +5,13 @@ rates of faults; a sidecar sits in front of the second. The workload is a typica
 retries and sends no Idempotency-Key. Every number in the comparison is measured: what the app
 saw, and the simulator's books (what Stripe actually executed).
 
+A second phase, the outage, runs through a fresh sidecar only: paced mixed traffic while its
+simulator goes from healthy to a total outage and back. It measures how much of the load still
+reached Stripe, how fast the sidecar failed, and how soon traffic flowed again, each number
+against its target.
+
 The pure part (planning payments, classifying answers, summing up, rendering) takes plain values;
-:func:`compare` and :func:`run_demo` are the I/O shell.
+:func:`compare`, :func:`outage_drill` and :func:`run_demo` are the I/O shell.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import math
 import sys
@@ -32,7 +38,18 @@ from proxy.config import Config, config_from_dict
 from proxy.simulator import start_simulator
 from proxy.simulator.faults import resolve_profile
 
-__all__ = ["Comparison", "RunReport", "SidecarCounts", "compare", "render", "run_demo"]
+__all__ = [
+    "Comparison",
+    "OutagePlan",
+    "OutageReport",
+    "RunReport",
+    "SidecarCounts",
+    "compare",
+    "outage_drill",
+    "render",
+    "render_outage",
+    "run_demo",
+]
 
 OPERATION: Final = "POST /v1/payment_intents"
 PATH: Final = "/v1/payment_intents"
@@ -92,22 +109,31 @@ class Seen:
     seconds: float
 
 
+def error_code(body: bytes) -> str:
+    """The ``error.code`` of a Stripe-shaped error body; "" when there is none."""
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        return ""
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else ""
+
+
 def classify_answer(status: int, body: bytes) -> tuple[Result, str]:
     """What an app that does not retry makes of one answer: succeeded, declined or failed."""
     if status == 402:
         return "declined", "HTTP 402"
-    try:
-        parsed: Any = json.loads(body)
-    except ValueError:
-        parsed = None
     if status == 200:
+        try:
+            parsed: Any = json.loads(body)
+        except ValueError:
+            parsed = None
         if isinstance(parsed, dict) and parsed.get("status") == "succeeded":
             return "succeeded", ""
         return "failed", "HTTP 200 without a succeeded payment"
-    code = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        code = parsed["error"].get("code")
-    return "failed", f"HTTP {status} {code}" if isinstance(code, str) and code else f"HTTP {status}"
+    code = error_code(body)
+    return "failed", f"HTTP {status} {code}" if code else f"HTTP {status}"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -321,6 +347,235 @@ def render(comparison: Comparison) -> str:
     )
 
 
+# -- the outage phase: pure part ------------------------------------------------------------------
+CIRCUIT_OPEN: Final = "sidecar_circuit_open"
+# The app's mixed traffic in the outage phase: a write and two reads, in turn.
+OUTAGE_OPERATIONS: Final = (OPERATION, "GET /v1/balance", "GET /v1/customers/{id}")
+# The targets the phase is measured against.
+OUTAGE_SHARE_TARGET: Final = 0.15  # Stripe requests per client request during the outage
+OPEN_SHARE_TARGET: Final = 0.05  # the same, once the breaker has opened
+FAIL_FAST_TARGET_MS: Final = 5.0  # p99 of a fail-fast answer, as the app measures it
+RECOVERY_TARGET: Final = 6.0  # seconds from the outage's end, with the default 5 s open time
+_STATE_RANK: Final = {"open": 0, "half_open": 1, "closed": 2}  # the order transitions print in
+NBSP: Final = "\xa0"  # keeps an operation template on one line when a paragraph is wrapped
+
+
+@dataclass(frozen=True, slots=True)
+class OutagePlan:
+    """How the outage phase runs: paced traffic, Stripe healthy, down, then healthy again."""
+
+    workers: int = 10
+    pace: float = 0.025  # each worker's pause after every answer
+    healthy: float = 1.0  # seconds of healthy traffic before the outage
+    # Longer than the default 5 s open time, so one half-open probe cycle fails during it.
+    outage: float = 7.0
+    deadline: float = 15.0  # seconds after the phase began: stop waiting for recovery
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One request the app made in the outage phase; times in seconds since the phase began."""
+
+    operation: str
+    sent: float
+    received: float
+    status: int  # 0 when no answer came (connection failed, timeout)
+    code: str  # the error answer's ``error.code``; "" otherwise
+
+    @property
+    def ok(self) -> bool:
+        """Whether Stripe's answer was a success (2xx)."""
+        return 200 <= self.status < 300
+
+    @property
+    def fail_fast(self) -> bool:
+        """Whether the sidecar answered at once because a breaker was open."""
+        return self.code == CIRCUIT_OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class OutageTimeline:
+    """When the phase's events happened (seconds since it began) and Stripe's request count then."""
+
+    outage_start: float
+    outage_end: float
+    upstream_at_start: int
+    upstream_at_end: int
+    opened_at: float | None  # when the app got its first fail-fast answer; None if it never did
+    upstream_at_open: int  # Stripe's request count at that moment (0 when it never came)
+    closed_at: float | None  # the first time after outage_end every breaker was closed
+    seconds: float  # the phase's run time
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarView:
+    """What the sidecar's own metrics say about the outage phase, over every operation."""
+
+    # scope -> new state -> transitions, e.g. {"GET /v1/balance": {"open": 2, "closed": 1}}
+    transitions: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    fail_fast: Mapping[str, int] = field(default_factory=dict)  # reason -> answers
+
+
+def sidecar_view(samples: Iterable[tuple[str, Mapping[str, str], float]]) -> SidecarView:
+    """Pick breaker transitions and fail-fast answers out of ``(name, labels, value)`` samples."""
+    transitions: dict[str, Counter[str]] = {}
+    fail_fast: Counter[str] = Counter()
+    for name, labels, value in samples:
+        if name == "stripe_sidecar_breaker_transitions_total" and value:
+            transitions.setdefault(labels["scope"], Counter())[labels["state"]] += round(value)
+        elif name == "stripe_sidecar_fail_fast_total":
+            fail_fast[labels["reason"]] += round(value)
+    return SidecarView(
+        transitions={scope: dict(states) for scope, states in sorted(transitions.items())},
+        fail_fast={k: v for k, v in fail_fast.most_common() if v},
+    )
+
+
+def share(part: int, whole: int) -> float:
+    """``part / whole``; NaN when ``whole`` is 0, so that no target counts as met."""
+    return part / whole if whole else math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row of the outage table: a heading, a number, or a number against its target."""
+
+    label: str
+    measured: str = ""
+    target: str = ""  # "" when the number has no target
+    met: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class OutageReport:
+    """The outage phase's numbers: the app's view, Stripe's books and the sidecar's metrics."""
+
+    plan: OutagePlan
+    requests: int  # every request the app made in the phase
+    client_during: int  # requests the app sent during the outage
+    upstream_during: int  # requests Stripe received during the outage
+    client_after_open: int  # of client_during, those sent after the first fail-fast answer
+    upstream_after_open: int  # of upstream_during, those received after it
+    opened_after: float | None  # seconds from the outage's start to the first fail-fast answer
+    fail_fast_answers: int  # fail-fast answers the app got
+    fail_fast_p50_ms: float
+    fail_fast_p99_ms: float
+    first_success_after: float | None  # seconds from the outage's end to a 2xx answer
+    closed_after: float | None  # seconds from the outage's end to every breaker closed
+    seconds: float
+    view: SidecarView = field(default_factory=SidecarView)
+
+    @property
+    def outage_share(self) -> float:
+        """Stripe requests per client request during the outage."""
+        return share(self.upstream_during, self.client_during)
+
+    @property
+    def open_share(self) -> float:
+        """Stripe requests per client request once the breaker had opened."""
+        return share(self.upstream_after_open, self.client_after_open)
+
+    def rows(self) -> list[Row]:
+        """The phase's table, with a verdict on every number that has a target."""
+
+        def pct(value: float) -> str:
+            return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
+
+        def after(seconds: float | None) -> str:
+            return "never" if seconds is None else f"{seconds:.2f}"
+
+        def recovery(label: str, seconds: float | None) -> Row:
+            met = seconds is not None and seconds <= RECOVERY_TARGET
+            return Row(label, after(seconds), f"<= {RECOVERY_TARGET:.0f}", met)
+
+        fast = self.fail_fast_answers > 0 and self.fail_fast_p99_ms < FAIL_FAST_TARGET_MS
+        return [
+            Row(f"during the outage ({self.plan.outage:.0f} s)"),
+            Row("  client requests", str(self.client_during)),
+            Row("  Stripe requests (simulator's books)", str(self.upstream_during)),
+            Row("  Stripe / client", pct(self.outage_share),
+                f"<= {100 * OUTAGE_SHARE_TARGET:.0f}%", self.outage_share <= OUTAGE_SHARE_TARGET),
+            Row("from the breaker opening to the outage's end"),
+            Row("  opened (s after the outage began)", after(self.opened_after)),
+            Row("  client requests", str(self.client_after_open)),
+            Row("  Stripe requests", str(self.upstream_after_open)),
+            Row("  Stripe / client", pct(self.open_share),
+                f"<= {100 * OPEN_SHARE_TARGET:.0f}%", self.open_share <= OPEN_SHARE_TARGET),
+            Row(f"fail-fast answers ({CIRCUIT_OPEN})"),
+            Row("  answers in the whole phase", str(self.fail_fast_answers)),
+            Row("  p50 / p99 latency (ms)",
+                f"{self.fail_fast_p50_ms:.1f} / {self.fail_fast_p99_ms:.1f}",
+                f"< {FAIL_FAST_TARGET_MS:.0f}", fast),
+            Row("after the outage's end (s)"),
+            recovery("  first successful answer", self.first_success_after),
+            recovery("  every breaker closed", self.closed_after),
+        ]
+
+
+def summarize_outage(plan: OutagePlan, answers: Sequence[Answer], timeline: OutageTimeline,
+                     view: SidecarView) -> OutageReport:
+    """Combine what the app saw with Stripe's counts and the sidecar's metrics."""
+    t = timeline
+    during = [a for a in answers if t.outage_start <= a.sent < t.outage_end]
+    after_open = (
+        [a for a in during if a.sent >= t.opened_at] if t.opened_at is not None else []
+    )
+    fast_ms = [(a.received - a.sent) * 1000 for a in answers if a.fail_fast]
+    recovered = [a.received for a in answers if a.ok and a.received >= t.outage_end]
+    return OutageReport(
+        plan=plan,
+        requests=len(answers),
+        client_during=len(during),
+        upstream_during=t.upstream_at_end - t.upstream_at_start,
+        client_after_open=len(after_open),
+        upstream_after_open=(
+            t.upstream_at_end - t.upstream_at_open if t.opened_at is not None else 0
+        ),
+        opened_after=None if t.opened_at is None else t.opened_at - t.outage_start,
+        fail_fast_answers=len(fast_ms),
+        fail_fast_p50_ms=percentile(fast_ms, 50),
+        fail_fast_p99_ms=percentile(fast_ms, 99),
+        first_success_after=min(recovered) - t.outage_end if recovered else None,
+        closed_after=None if t.closed_at is None else t.closed_at - t.outage_end,
+        seconds=t.seconds,
+        view=view,
+    )
+
+
+def render_outage(report: OutageReport) -> str:
+    """Everything the outage phase prints: set-up, table with targets, the sidecar's metrics."""
+    r, p = report, report.plan
+    operations = ", ".join(OUTAGE_OPERATIONS[:-1]) + " and " + OUTAGE_OPERATIONS[-1]
+    head = (
+        f"Outage: {p.workers} app workers send, through a fresh sidecar only, a request each "
+        f"every {1000 * p.pace:.0f} ms, in turn {operations.replace(' /', NBSP + '/')}, and never "
+        f"retry. Stripe is healthy for {p.healthy:.0f} s, down for {p.outage:.0f} s (every request "
+        f"an HTML 503), then healthy again until traffic flows and the breakers close (at most "
+        f"{p.deadline:.0f} s in all)."
+    )
+    lines = [textwrap.fill(head, width=96).replace(NBSP, " "), "",
+             f"{'':<46}{'measured':>12}{'target':>10}"]
+    for row in r.rows():
+        mark = ("ok" if row.met else "MISSED") if row.target else ""
+        lines.append(f"{row.label:<46}{row.measured:>12}{row.target:>10}  {mark}".rstrip())
+    fail_fast = sum(r.view.fail_fast.values())
+    lines += [
+        "",
+        "The sidecar's own metrics:",
+        f"  answered without calling Stripe (stripe_sidecar_fail_fast_total): {fail_fast}"
+        + (f" ({_listing(r.view.fail_fast)})" if fail_fast else ""),
+        "  breaker transitions by scope (stripe_sidecar_breaker_transitions_total):",
+    ]
+    width = max((len(scope) for scope in r.view.transitions), default=0)
+    for scope, states in r.view.transitions.items():
+        ordered = sorted(states.items(), key=lambda kv: _STATE_RANK.get(kv[0], len(_STATE_RANK)))
+        lines.append(f"    {scope:<{width}}  " + ", ".join(f"{s} {n}" for s, n in ordered))
+    if not r.view.transitions:
+        lines.append("    none")
+    lines += ["", f"Run time: {r.seconds:.1f} s, {r.requests} requests."]
+    return "\n".join(lines) + "\n"
+
+
 class Progress:
     """One status line per phase on a stream: redrawn with ``\\r`` on a TTY, else plain lines."""
 
@@ -332,13 +587,13 @@ class Progress:
         # A terminal can take ten redraws a second; a log file wants a line a second at most.
         self._interval = 0.1 if self._tty else 1.0
         self._phase = ""
-        self._total = 0
+        self._total: int | None = 0
         self._counts: Counter[Result] = Counter()
         self._last = -math.inf
         self._started = 0.0
 
-    def start(self, phase: str, total: int) -> None:
-        """Begin a phase of ``total`` payments."""
+    def start(self, phase: str, total: int | None) -> None:
+        """Begin a phase of ``total`` payments (None: it runs until it is over)."""
         self._phase, self._total = phase, total
         self._counts = Counter()
         self._last = -math.inf
@@ -346,7 +601,7 @@ class Progress:
         self._show(force=True)
 
     def record(self, result: Result) -> None:
-        """Count one finished payment; redraw if the last drawing is old enough."""
+        """Count one finished request; redraw if the last drawing is old enough."""
         self._counts[result] += 1
         self._show(force=False)
 
@@ -364,7 +619,8 @@ class Progress:
         self._last = now
         c = self._counts
         done = c["succeeded"] + c["declined"] + c["failed"]
-        line = (f"[{self._phase}] {done}/{self._total}  ok {c['succeeded']}  "
+        of = "" if self._total is None else f"/{self._total}"
+        line = (f"[{self._phase}] {done}{of}  ok {c['succeeded']}  "
                 f"declined {c['declined']}  failed {c['failed']}  {now - self._started:.1f} s")
         if self._tty:
             self._stream.write(f"\r{line}\x1b[K")
@@ -441,6 +697,15 @@ def _sidecar_config(upstream_url: str) -> Config:
     )
 
 
+def _metric_samples(registry: CollectorRegistry) -> Iterator[tuple[str, Mapping[str, str], float]]:
+    """Every sample in ``registry`` as ``(name, labels, value)``."""
+    return (
+        (sample.name, sample.labels, sample.value)
+        for family in registry.collect()
+        for sample in family.samples
+    )
+
+
 async def compare(*, requests: int, concurrency: int, profile: str, seed: int,
                   progress: Progress) -> Comparison:
     """Run the workload directly against one simulator, then through a sidecar to another."""
@@ -459,17 +724,143 @@ async def compare(*, requests: int, concurrency: int, profile: str, seed: int,
                                       concurrency, progress, sim_behind.books)
         finally:
             await sidecar.stop()
-    samples = (
-        (sample.name, sample.labels, sample.value)
-        for family in registry.collect()
-        for sample in family.samples
+    return Comparison(profile, seed, concurrency, direct, behind,
+                      sidecar_counts(_metric_samples(registry)))
+
+
+def _breakers_closed(registry: CollectorRegistry) -> bool:
+    """Whether the sidecar's breaker-state gauge shows every breaker closed."""
+    gauge = registry.restricted_registry(["stripe_sidecar_breaker_state"])
+    return all(sample.value == 0 for family in gauge.collect() for sample in family.samples)
+
+
+async def _call(session: aiohttp.ClientSession, base_url: str, operation: str, customer: str,
+                ref: str, clock: Callable[[], float]) -> Answer:
+    """Make one request of the outage phase as an app without retries would; note the answer."""
+    sent = clock()
+    try:
+        if operation == OPERATION:
+            payment = Payment(ref=ref, amount=2000, payment_method="pm_card_visa")
+            request = session.post(base_url + PATH, data=payment.form())
+        else:
+            path = operation.split(" ", 1)[1].replace("{id}", customer)
+            request = session.get(base_url + path)
+        async with request as resp:
+            status, body = resp.status, await resp.read()
+    except (TimeoutError, aiohttp.ClientError):
+        status, body = 0, b""
+    return Answer(operation, sent, clock(), status, error_code(body) if status >= 400 else "")
+
+
+async def _create_customer(session: aiohttp.ClientSession, base_url: str) -> str:
+    """The customer the phase's ``GET /v1/customers/{id}`` reads, made before traffic starts."""
+    async with session.post(base_url + "/v1/customers", data={"email": "demo@example.com"}) as resp:
+        resp.raise_for_status()
+        customer: Any = await resp.json()
+    return str(customer["id"])
+
+
+async def outage_drill(plan: OutagePlan = OutagePlan(), *, progress: Progress) -> OutageReport:
+    """Drive paced traffic through a fresh sidecar while its simulator goes down and comes back.
+
+    The phase ends once a request has succeeded after the outage and every breaker is closed,
+    or at ``plan.deadline``.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(start_simulator(profile="none"))
+        session = await stack.enter_async_context(aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=plan.workers),
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=aiohttp.ClientTimeout(total=APP_TIMEOUT),
+        ))
+        customer = await _create_customer(session, sim.url)
+        registry = CollectorRegistry()
+        sidecar = Sidecar(_sidecar_config(sim.url), registry=registry, log_stream=io.StringIO())
+        port = await sidecar.start()
+        try:
+            answers, timeline = await _drive_outage(
+                plan, session, f"http://127.0.0.1:{port}", customer, progress,
+                upstream=lambda: int(sim.books()["requests"]),
+                outage=lambda down: sim.set_profile("outage" if down else "none"),
+                closed=lambda: _breakers_closed(registry),
+            )
+        finally:
+            await sidecar.stop()
+    return summarize_outage(plan, answers, timeline, sidecar_view(_metric_samples(registry)))
+
+
+async def _drive_outage(plan: OutagePlan, session: aiohttp.ClientSession, base_url: str,
+                        customer: str, progress: Progress, *, upstream: Callable[[], int],
+                        outage: Callable[[bool], None],
+                        closed: Callable[[], bool]) -> tuple[list[Answer], OutageTimeline]:
+    """Run the workers, switch the outage on and off, and wait for recovery; what happened."""
+    t0 = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - t0
+
+    answers: list[Answer] = []
+    opened: list[tuple[float, int]] = []  # (when, Stripe's request count) of the first fail-fast
+    outage_end = math.inf
+    recovered = asyncio.Event()  # a 2xx answer arrived after the outage ended
+    stop = asyncio.Event()
+    refs = itertools.count()
+
+    async def worker(first: int) -> None:
+        turn = first
+        while not stop.is_set():
+            operation = OUTAGE_OPERATIONS[turn % len(OUTAGE_OPERATIONS)]
+            turn += 1
+            answer = await _call(session, base_url, operation, customer,
+                                 f"outage_{next(refs):06d}", clock)
+            answers.append(answer)
+            progress.record("succeeded" if answer.ok else "failed")
+            if answer.fail_fast and not opened:
+                opened.append((answer.received, upstream()))
+            elif answer.ok and answer.received >= outage_end:
+                recovered.set()
+            await asyncio.sleep(plan.pace)
+
+    progress.start("outage", None)
+    workers = [asyncio.create_task(worker(w)) for w in range(plan.workers)]
+    try:
+        await asyncio.sleep(plan.healthy)
+        outage_start, upstream_at_start = clock(), upstream()
+        outage(True)
+        await asyncio.sleep(plan.outage)
+        outage(False)
+        outage_end, upstream_at_end = clock(), upstream()
+        closed_at: float | None = None
+        # Poll with a deadline: the breakers close on the sidecar's clock, not on an event here.
+        while clock() < plan.deadline:
+            if closed_at is None and closed():
+                closed_at = clock()
+            if closed_at is not None and recovered.is_set():
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+        progress.finish()
+    timeline = OutageTimeline(
+        outage_start=outage_start,
+        outage_end=outage_end,
+        upstream_at_start=upstream_at_start,
+        upstream_at_end=upstream_at_end,
+        opened_at=opened[0][0] if opened else None,
+        upstream_at_open=opened[0][1] if opened else 0,
+        closed_at=closed_at,
+        seconds=clock(),
     )
-    return Comparison(profile, seed, concurrency, direct, behind, sidecar_counts(samples))
+    return answers, timeline
 
 
 async def run_demo(*, requests: int = 600, concurrency: int = 20, profile: str = "bad_day",
-                   seed: int = 7) -> int:
-    """Run the comparison, print the table and summary on stdout; the exit status."""
+                   seed: int = 7, outage: bool = True) -> int:
+    """Run the comparison, then (``outage``) the outage phase; print on stdout; the exit status.
+
+    A missed target is printed as such; the exit status stays 0.
+    """
     problems = []
     if requests < 1:
         problems.append(f"--requests: {requests} is not a positive integer")
@@ -483,8 +874,13 @@ async def run_demo(*, requests: int = 600, concurrency: int = 20, profile: str =
         for problem in problems:
             print(f"stripe-sidecar demo: {problem}", file=sys.stderr)
         return 2
+    progress = Progress(sys.stderr)
     comparison = await compare(requests=requests, concurrency=concurrency, profile=profile,
-                               seed=seed, progress=Progress(sys.stderr))
+                               seed=seed, progress=progress)
     sys.stdout.write(render(comparison))
     sys.stdout.flush()
+    if outage:
+        report = await outage_drill(progress=progress)
+        sys.stdout.write("\n" + render_outage(report))
+        sys.stdout.flush()
     return 0

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from proxy.demo import Progress, classify_answer, compare, percentile, run_demo
+import proxy.demo
+from proxy.demo import (
+    CIRCUIT_OPEN,
+    OPERATION,
+    Answer,
+    OutagePlan,
+    OutageReport,
+    OutageTimeline,
+    Progress,
+    SidecarView,
+    classify_answer,
+    compare,
+    error_code,
+    outage_drill,
+    percentile,
+    render_outage,
+    run_demo,
+    sidecar_view,
+    summarize_outage,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = (
@@ -39,6 +60,25 @@ def table(stdout: str) -> dict[str, tuple[str, str]]:
         cells = re.split(r"\s{2,}", line[len(label):].strip())
         assert len(cells) == 2, line
         rows[label] = (cells[0], cells[1])
+    return rows
+
+
+def outage_table(stdout: str) -> dict[str, tuple[str, str]]:
+    """The outage table's rows with a target as ``label -> (measured, mark)``; labels repeat,
+    so each is prefixed with its heading (``during the outage (7 s): Stripe / client``)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split() == ["measured", "target"])
+    rows: dict[str, tuple[str, str]] = {}
+    heading = ""
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        if not line.startswith("  "):
+            heading = line.strip()
+            continue
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) == 4:  # label, measured, target, mark
+            rows[f"{heading}: {cells[0]}"] = (cells[1], cells[3])
     return rows
 
 
@@ -107,12 +147,102 @@ def test_progress_writes_plain_lines_when_not_a_tty() -> None:
     ] * 2
 
 
+def timeline(**changes: Any) -> OutageTimeline:
+    """An outage from 1 s to 8 s into the phase, the breaker open at 1.1 s, closed at 11 s."""
+    base = OutageTimeline(outage_start=1.0, outage_end=8.0, upstream_at_start=120,
+                          upstream_at_end=130, opened_at=1.1, upstream_at_open=125, closed_at=11.0,
+                          seconds=11.5)
+    return dataclasses.replace(base, **changes)
+
+
+def outage_answers() -> list[Answer]:
+    """A healthy answer, one failure before the breaker opened, 99 fail-fast, then a recovery."""
+    return [
+        Answer(OPERATION, 0.5, 0.51, 200, ""),
+        Answer("GET /v1/balance", 1.02, 1.09, 503, ""),
+        *(Answer(OPERATION, 1.1 + i * 0.05, 1.101 + i * 0.05, 503, CIRCUIT_OPEN)
+          for i in range(99)),
+        Answer("GET /v1/balance", 9.0, 9.004, 503, CIRCUIT_OPEN),  # after the outage: still open
+        Answer("GET /v1/balance", 10.9, 11.0, 200, ""),
+    ]
+
+
+def test_outage_summary_counts_each_window_against_stripes_books() -> None:
+    """Requests are counted by when they were sent; Stripe's share uses its books' deltas."""
+    r = summarize_outage(OutagePlan(), outage_answers(), timeline(), SidecarView())
+    assert (r.requests, r.client_during, r.upstream_during) == (103, 100, 10)
+    assert (r.client_after_open, r.upstream_after_open) == (99, 5)
+    assert r.outage_share == 0.1 and r.open_share == 5 / 99
+    assert r.fail_fast_answers == 100
+    assert r.fail_fast_p99_ms == pytest.approx(1.0) and r.fail_fast_p50_ms == pytest.approx(1.0)
+    assert r.opened_after == pytest.approx(0.1)
+    assert r.first_success_after == pytest.approx(3.0) and r.closed_after == pytest.approx(3.0)
+
+
+def test_outage_table_marks_each_target_ok_or_missed() -> None:
+    """A share over its target, or a breaker that never opened or closed, is marked MISSED."""
+    report = summarize_outage(OutagePlan(), outage_answers(), timeline(), SidecarView())
+    rows = outage_table(render_outage(report))
+    assert rows["during the outage (7 s): Stripe / client"] == ("10.0%", "ok")
+    assert rows["from the breaker opening to the outage's end: Stripe / client"] == ("5.1%",
+                                                                                     "MISSED")
+    assert rows["fail-fast answers (sidecar_circuit_open): p50 / p99 latency (ms)"] == (
+        "1.0 / 1.0", "ok")
+    assert rows["after the outage's end (s): every breaker closed"] == ("3.00", "ok")
+
+    never = [a for a in outage_answers() if not a.fail_fast and not a.ok]
+    report = summarize_outage(OutagePlan(), never, timeline(opened_at=None, upstream_at_open=0,
+                                                            closed_at=None), SidecarView())
+    rows = outage_table(render_outage(report))
+    assert rows["from the breaker opening to the outage's end: Stripe / client"] == ("n/a",
+                                                                                     "MISSED")
+    # No fail-fast answer at all is no evidence of fast ones.
+    assert rows["fail-fast answers (sidecar_circuit_open): p50 / p99 latency (ms)"][1] == "MISSED"
+    assert rows["after the outage's end (s): first successful answer"] == ("never", "MISSED")
+    assert rows["after the outage's end (s): every breaker closed"] == ("never", "MISSED")
+
+
+def test_sidecar_view_reads_transitions_and_fail_fast_over_every_operation() -> None:
+    """Breaker transitions by scope and state, fail-fast answers by reason; zeros left out."""
+    transitions = "stripe_sidecar_breaker_transitions_total"
+    view = sidecar_view([
+        (transitions, {"scope": "upstream", "state": "open"}, 2.0),
+        (transitions, {"scope": "upstream", "state": "closed"}, 1.0),
+        (transitions, {"scope": "GET /v1/balance", "state": "half_open"}, 0.0),
+        ("stripe_sidecar_fail_fast_total", {"operation": OPERATION, "reason": "circuit_open"}, 7.0),
+        ("stripe_sidecar_fail_fast_total", {"operation": "GET /v1/balance",
+                                            "reason": "circuit_open"}, 5.0),
+        ("stripe_sidecar_fail_fast_total", {"operation": OPERATION, "reason": "bulkhead_full"}, 0.0),
+        ("stripe_sidecar_requests_total", {"operation": OPERATION}, 99.0),
+    ])
+    assert view.transitions == {"upstream": {"open": 2, "closed": 1}}
+    assert view.fail_fast == {"circuit_open": 12}
+
+
+def test_error_code_reads_stripe_shaped_bodies_only() -> None:
+    """The code of a Stripe error body; "" for HTML, other JSON, or no code."""
+    assert error_code(b'{"error":{"code":"sidecar_circuit_open"}}') == CIRCUIT_OPEN
+    assert error_code(b"<html>503</html>") == ""
+    assert error_code(b'["error"]') == ""
+    assert error_code(b'{"error":{"type":"api_error"}}') == ""
+
+
+def test_progress_without_a_total_counts_up() -> None:
+    """A phase that runs until it is over shows its count alone."""
+    out = io.StringIO()
+    progress = Progress(out, clock=FakeClock(), tty=False)
+    progress.start("outage", None)
+    progress.record("failed")
+    progress.finish()
+    assert out.getvalue().splitlines()[-1].startswith("[outage] 1  ok 0  declined 0  failed 1")
+
+
 # -- on loopback, against the simulator ---------------------------------------------------------
 async def test_demo_prints_the_table_with_consistent_numbers(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """run_demo prints every row; each column adds up and the sidecar charges nobody twice."""
-    status = await run_demo(requests=120, concurrency=10, profile="bad_day", seed=7)
+    status = await run_demo(requests=120, concurrency=10, profile="bad_day", seed=7, outage=False)
     out, err = capsys.readouterr()
     assert status == 0
     rows = table(out)
@@ -130,6 +260,7 @@ async def test_demo_prints_the_table_with_consistent_numbers(
     assert re.fullmatch(r"\d+ / \d+", rows["p50 / p99 latency (ms)"][1])
     assert "created 0 duplicate charges" in " ".join(out.split())
     assert "[direct] 120/120" in err and "[through sidecar] 120/120" in err
+    assert "Outage:" not in out and "[outage]" not in err
 
 
 async def test_numbers_match_the_simulators_books() -> None:
@@ -161,18 +292,56 @@ async def test_outage_fails_fast_through_the_sidecar() -> None:
     assert c.sidecar.upstream_attempts < c.sidecar.attempted / 2
 
 
+async def test_outage_phase_sheds_load_fails_fast_and_traffic_flows_again() -> None:
+    """Stripe down for 7 s: it sees <= 15% of the app's requests (<= 5% once the breaker opened),
+    the sidecar's count of fail-fast answers matches the app's, and traffic flows again."""
+    report = await outage_drill(progress=Progress(io.StringIO(), tty=False))
+    assert report.client_during >= 500  # the paced traffic really ran through the outage
+    assert report.upstream_during > 0  # and Stripe did see some of it: the count is live
+    assert report.outage_share <= 0.15, (report.upstream_during, report.client_during)
+    assert report.opened_after is not None, "the breaker never opened"
+    assert report.open_share <= 0.05, (report.upstream_after_open, report.client_after_open)
+    # Once open, every request either failed fast or was one of the few that reached Stripe.
+    assert report.fail_fast_answers >= report.client_after_open - report.upstream_after_open
+    assert report.view.fail_fast.get("circuit_open") == report.fail_fast_answers
+    assert report.first_success_after is not None, "traffic never flowed again"
+    assert report.closed_after is not None, "a breaker never closed again"
+    opened = {scope: s for scope, s in report.view.transitions.items() if s.get("open", 0)}
+    assert opened and all(s.get("closed", 0) >= 1 for s in opened.values()), opened
+    rows = outage_table(render_outage(report))
+    assert rows["during the outage (7 s): Stripe / client"][1] == "ok"
+    assert rows["from the breaker opening to the outage's end: Stripe / client"][1] == "ok"
+
+
+async def test_run_demo_prints_the_outage_phase_and_exits_zero_on_a_miss(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The outage table follows the comparison; a missed target is shown, the status stays 0."""
+    missed = summarize_outage(OutagePlan(), outage_answers(), timeline(), SidecarView())
+
+    async def drill(*args: object, **kwargs: object) -> OutageReport:
+        return missed
+
+    monkeypatch.setattr(proxy.demo, "outage_drill", drill)
+    status = await run_demo(requests=20, concurrency=5, profile="none", seed=7)
+    out = capsys.readouterr().out
+    assert status == 0
+    assert out.index("through sidecar") < out.index("Outage:")
+    assert "MISSED" in out and out.endswith("Run time: 11.5 s, 103 requests.\n")
+
+
 async def test_bad_arguments_are_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown profile or a zero count gives exit status 2 and names every problem."""
-    status = await run_demo(requests=0, concurrency=10, profile="bad_dya", seed=7)
+    status = await run_demo(requests=0, concurrency=10, profile="bad_dya", seed=7, outage=False)
     err = capsys.readouterr().err
     assert status == 2
     assert "--requests: 0" in err and "unknown fault profile 'bad_dya'" in err
 
 
 def test_cli_demo_exits_zero() -> None:
-    """`python -m proxy demo --requests 40`, as a new user types it, prints the table."""
+    """`python -m proxy demo --requests 40 --skip-outage` prints the table, and no outage."""
     done = subprocess.run(
-        [sys.executable, "-m", "proxy", "demo", "--requests", "40"],
+        [sys.executable, "-m", "proxy", "demo", "--requests", "40", "--skip-outage"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -182,3 +351,4 @@ def test_cli_demo_exits_zero() -> None:
     rows = table(done.stdout)
     assert rows["payments attempted"] == ("40", "40")
     assert "Traceback" not in done.stderr
+    assert "Outage:" not in done.stdout

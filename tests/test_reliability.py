@@ -8,7 +8,6 @@ sidecar's own metrics (what the client sent).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import time
 from collections import Counter
@@ -78,10 +77,12 @@ async def test_bad_day_every_payment_succeeds_once(make_sidecar):
     errors = [line for line in sc.log._stream.getvalue().splitlines() if '"level":"error"' in line]
     assert ok / n >= 0.999, (failures, errors[:3])
     assert books["duplicates"] == 0
-    # Every payment the client saw succeed was executed exactly once; none it saw fail was executed.
+    # Every payment the client saw succeed was executed exactly once. A payment can still fail
+    # (all four attempts faulted: about 1 in 10,000 at a 10% fault rate); it is executed at most
+    # once, and only if a connection dropped after Stripe did the work.
     for ref, (status, _) in results.items():
         executed = books["refs"].get(ref, 0)
-        assert executed == (1 if status == 200 else 0), (ref, status, executed, failures)
+        assert executed == 1 if status == 200 else executed <= 1, (ref, status, executed, failures)
     assert _client_requests(sc) == n  # the client never retried
     assert books["requests"] <= 1.15 * n, books["requests"]
     assert sum(books["faults"].values()) >= 0.09 * n  # the faults really happened
@@ -173,9 +174,11 @@ async def test_python_sdk_with_default_retries_under_faults(make_sidecar):
             assert fetched.id == customer.id
             return customer.id
 
-        loop = asyncio.get_running_loop()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-            ids = await asyncio.gather(*(loop.run_in_executor(pool, one, i) for i in range(calls // 2)))
+        def all_calls() -> list[str]:
+            # One call at a time, so the seeded faults fall on the same requests every run.
+            return [one(i) for i in range(calls // 2)]
+
+        ids = await asyncio.to_thread(all_calls)
         books = sim.books()
 
     assert len(set(ids)) == calls // 2
