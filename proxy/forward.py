@@ -32,7 +32,7 @@ from proxy.ratelimit import RateLimiter
 from proxy.retry import RetryBudget, parse_retry_after, retry_delay, should_retry
 from proxy.routes import Router
 from proxy.server import ClientConnection, Request, error_response
-from proxy.upstream import Pool, Response
+from proxy.upstream import Connection, Pool, Response
 
 __all__ = ["Forwarder"]
 
@@ -143,7 +143,16 @@ class Forwarder:
         self._inject = config.idempotency.inject
         self._key_prefix = config.idempotency.key_prefix
         self._ops: dict[str, _Op] = {}
-        self.in_flight = 0
+        # Attempts waiting for an answer, each with a deadline the sweeper enforces: cheaper
+        # than a timer handle per attempt, at the cost of up to one sweep interval of lateness.
+        self._armed: set[Connection] = set()
+        shortest = min(
+            [config.retry.attempt_timeout]
+            + [o.retry.attempt_timeout for o in config.operations.values()]
+        )
+        self._sweep_every = min(0.25, max(0.01, shortest / 5))
+        self._loop = asyncio.get_running_loop()
+        self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         metrics.breaker_state.labels("upstream").set(0)
 
     # -- set-up -------------------------------------------------------------------------------
@@ -180,8 +189,17 @@ class Forwarder:
         out.update({name: op.breaker for name, op in self._ops.items()})
         return out
 
+    def _sweep(self) -> None:
+        """Time out attempts whose deadline has passed."""
+        now = self._loop.time()
+        for conn in [c for c in self._armed if c.deadline <= now]:
+            self._armed.discard(conn)
+            conn.on_timeout()
+        self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+
     def close(self) -> None:
-        """Close pooled upstream connections."""
+        """Stop the sweeper and close pooled upstream connections."""
+        self._sweeper.cancel()
         for pool in self.pools.values():
             pool.close()
 
@@ -191,8 +209,8 @@ class Forwarder:
         start = self._clock()
         name, host = self.router.resolve(req.method, req.path)
         op = self._ops.get(name) or self._op(name, host)
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
+        metrics = self.metrics
+        metrics.in_flight += 1
         try:
             await self._forward(req, conn, op, start)
         except Exception as exc:  # a bug must cost one request, never the connection loop
@@ -205,8 +223,7 @@ class Forwarder:
             )
             op.metrics.request(500, "internal_error", self._clock() - start)
         finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
+            metrics.in_flight -= 1
 
     async def _forward(self, req: Request, conn: ClientConnection, op: _Op, start: float) -> None:
         settings = op.settings.retry
@@ -406,32 +423,37 @@ class Forwarder:
         ``Sidecar-Attempts`` tell the truth.
         """
         conn = await pool.acquire()
-        loop = pool.loop
-        timer = loop.call_later(timeout, conn.on_timeout)
+        deadline = pool.loop.time() + timeout
+        armed = self._armed
+        conn.deadline = deadline
+        armed.add(conn)
         try:
-            try:
-                return await conn.send(head, body, method == "HEAD")
-            except UpstreamError as exc:
-                if (
-                    not conn.reused
-                    or exc.response_started
-                    or exc.kind is TransportError.TIMEOUT
-                    or not (has_key or method in _REPEATABLE)
-                ):
-                    raise
-            timer.cancel()
-            op.metrics.attempt(Outcome.CONNECTION_ERROR, 0.0)
-            fresh = await pool.connect()
-            timer = loop.call_later(timeout, fresh.on_timeout)
-            try:
-                resp = await fresh.send(head, body, method == "HEAD")
-            except UpstreamError as exc:
-                exc.resent = True
+            return await conn.send(head, body, method == "HEAD")
+        except UpstreamError as exc:
+            if (
+                not conn.reused
+                or exc.response_started
+                or exc.kind is TransportError.TIMEOUT
+                or not (has_key or method in _REPEATABLE)
+            ):
                 raise
-            resp.resent = True
-            return resp
         finally:
-            timer.cancel()
+            armed.discard(conn)
+            conn.deadline = 0.0
+        op.metrics.attempt(Outcome.CONNECTION_ERROR, 0.0)
+        fresh = await pool.connect()
+        fresh.deadline = deadline
+        armed.add(fresh)
+        try:
+            resp = await fresh.send(head, body, method == "HEAD")
+        except UpstreamError as exc:
+            exc.resent = True
+            raise
+        finally:
+            armed.discard(fresh)
+            fresh.deadline = 0.0
+        resp.resent = True
+        return resp
 
     async def _attempt_streaming(
         self, pool: Pool, head: bytes, req: Request, timeout: float
@@ -439,11 +461,13 @@ class Forwarder:
         """The single attempt of a request whose body is forwarded while it arrives."""
         assert req.source is not None
         conn = await pool.connect()  # never a possibly-stale pooled one: the body cannot be resent
-        timer = pool.loop.call_later(timeout, conn.on_timeout)
+        conn.deadline = pool.loop.time() + timeout
+        self._armed.add(conn)
         try:
             return await conn.send_streaming(head, req.source, req.method == "HEAD")
         finally:
-            timer.cancel()
+            self._armed.discard(conn)
+            conn.deadline = 0.0
 
     # -- admission helpers --------------------------------------------------------------------
     def _admit_breakers(self, op: _Op) -> str | None:

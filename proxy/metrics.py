@@ -1,19 +1,54 @@
 """Prometheus metrics, every one registered on the registry it is given.
 
 Labels are bounded: operation templates (``POST /v1/customers/{id}``), outcome names, status
-classes, breaker scopes. Never IDs, keys or raw paths. The per-operation children are resolved
-once (see :class:`OperationMetrics`) so recording a request costs a few dict look-ups.
+classes, breaker scopes. Never IDs, keys or raw paths.
+
+The four families touched by every request (requests, request duration, attempts, attempt
+duration) and the in-flight gauge are plain counters kept per operation and turned into metric
+families only when scraped (:class:`_HotCollector`): the hot path pays an integer increment and a
+bisect, not a lock and a label look-up. Everything rarer uses prometheus_client's own types.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 __all__ = ["Metrics", "OperationMetrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BUCKET_LABELS = [str(b) for b in _LATENCY_BUCKETS] + ["+Inf"]
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+_NS = "stripe_sidecar"
+
+
+class _Histogram:
+    """Bucket counts and a sum, observed without locks (the event loop is single-threaded)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect_left(_LATENCY_BUCKETS, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative buckets in Prometheus' form."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for label, count in zip(_BUCKET_LABELS, self.counts, strict=True):
+            running += count
+            out.append((label, running))
+        return out
 
 
 class Metrics:
@@ -21,42 +56,14 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        ns = "stripe_sidecar"
-        self.requests = Counter(
-            f"{ns}_requests",
-            "Client requests answered, by operation, method, status class and final outcome.",
-            ["operation", "method", "status_class", "outcome"],
-            registry=registry,
-        )
-        self.request_duration = Histogram(
-            f"{ns}_request_duration_seconds",
-            "Time from a client request's head to its answer, retries and waits included.",
-            ["operation"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.attempt_duration = Histogram(
-            f"{ns}_upstream_attempt_duration_seconds",
-            "Latency of each attempt to Stripe, until the answer's head (or failure).",
-            ["operation"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.attempts = Counter(
-            f"{ns}_upstream_attempts",
-            "Attempts sent to Stripe, by operation and the outcome of each.",
-            ["operation", "outcome"],
-            registry=registry,
-        )
+        ns = _NS
+        self._ops: dict[str, OperationMetrics] = {}
+        self.in_flight = 0  # client requests being handled now (exported by the collector)
+        registry.register(_HotCollector(self))
         self.retries = Counter(
             f"{ns}_retries",
             "Retries made, by operation and the outcome that caused them.",
             ["operation", "outcome"],
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            f"{ns}_in_flight_requests",
-            "Client requests being handled now.",
             registry=registry,
         )
         self.fail_fast = Counter(
@@ -107,7 +114,6 @@ class Metrics:
             ["scope"],
             registry=registry,
         )
-        self._ops: dict[str, OperationMetrics] = {}
 
     def operation(self, operation: str) -> OperationMetrics:
         """The pre-resolved children for one operation (created on first use)."""
@@ -122,44 +128,38 @@ class Metrics:
 
 
 class OperationMetrics:
-    """Metric children for one operation, so the hot path does no label resolution."""
+    """Counts for one operation: plain numbers on the hot path, labels only when scraped."""
 
     __slots__ = (
-        "_attempts",
         "_m",
-        "_method",
         "_operation",
-        "_requests",
         "attempt_duration",
+        "attempts",
+        "method",
         "request_duration",
+        "requests",
     )
 
     def __init__(self, metrics: Metrics, operation: str) -> None:
         self._m = metrics
         self._operation = operation
-        self._method = operation.split(" ", 1)[0]
-        self.request_duration = metrics.request_duration.labels(operation)
-        self.attempt_duration = metrics.attempt_duration.labels(operation)
-        self._requests: dict[tuple[int, str], Counter] = {}
-        self._attempts: dict[str, Counter] = {}
+        self.method = operation.split(" ", 1)[0]
+        self.requests: dict[tuple[int, str], int] = {}
+        self.attempts: dict[str, int] = {}
+        self.request_duration = _Histogram()
+        self.attempt_duration = _Histogram()
 
     def request(self, status: int, outcome: str, duration: float) -> None:
         """Count one answered client request."""
         key = (status // 100, outcome)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self._m.requests.labels(
-                self._operation, self._method, _STATUS_CLASS.get(key[0], "other"), outcome
-            )
-        child.inc()
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
         self.request_duration.observe(duration)
 
     def attempt(self, outcome: str, duration: float) -> None:
         """Count one attempt to Stripe."""
-        child = self._attempts.get(outcome)
-        if child is None:
-            child = self._attempts[outcome] = self._m.attempts.labels(self._operation, outcome)
-        child.inc()
+        attempts = self.attempts
+        attempts[outcome] = attempts.get(outcome, 0) + 1
         self.attempt_duration.observe(duration)
 
     def retry(self, outcome: str) -> None:
@@ -182,3 +182,64 @@ class OperationMetrics:
         """Count a wait for a rate-limit token."""
         self._m.limiter_waits.labels(self._operation).inc()
         self._m.limiter_wait_seconds.labels(self._operation).inc(seconds)
+
+
+class _HotCollector(Collector):
+    """Turns the per-operation counts into metric families at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        """The families this collector owns (so the registry can refuse duplicates)."""
+        return self._families(with_samples=False)
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        """The current values."""
+        return self._families(with_samples=True)
+
+    def _families(
+        self, *, with_samples: bool
+    ) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily(
+            f"{_NS}_requests",
+            "Client requests answered, by operation, method, status class and final outcome.",
+            labels=["operation", "method", "status_class", "outcome"],
+        )
+        request_duration = HistogramMetricFamily(
+            f"{_NS}_request_duration_seconds",
+            "Time from a client request's head to its answer, retries and waits included.",
+            labels=["operation"],
+        )
+        attempts = CounterMetricFamily(
+            f"{_NS}_upstream_attempts",
+            "Attempts sent to Stripe, by operation and the outcome of each.",
+            labels=["operation", "outcome"],
+        )
+        attempt_duration = HistogramMetricFamily(
+            f"{_NS}_upstream_attempt_duration_seconds",
+            "Latency of each attempt to Stripe, until the answer's head (or failure).",
+            labels=["operation"],
+        )
+        in_flight = GaugeMetricFamily(
+            f"{_NS}_in_flight_requests", "Client requests being handled now."
+        )
+        if with_samples:
+            for name, op in sorted(self._m._ops.items()):
+                for (cls, outcome), count in sorted(op.requests.items()):
+                    status_class = _STATUS_CLASS.get(cls, "other")
+                    requests.add_metric([name, op.method, status_class, outcome], count)
+                for outcome, count in sorted(op.attempts.items()):
+                    attempts.add_metric([name, outcome], count)
+                for family, hist in (
+                    (request_duration, op.request_duration),
+                    (attempt_duration, op.attempt_duration),
+                ):
+                    if any(hist.counts):
+                        family.add_metric([name], hist.buckets(), hist.total)
+            in_flight.add_metric([], self._m.in_flight)
+        yield requests
+        yield request_duration
+        yield attempts
+        yield attempt_duration
+        yield in_flight

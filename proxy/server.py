@@ -213,6 +213,8 @@ class Server:
         self.draining = False
         self._server: asyncio.base_events.Server | None = None
         self._idle_event: asyncio.Event | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_every = 1.0
 
     async def start(self, host: str, port: int) -> int:
         """Start listening; return the bound port (useful with port 0)."""
@@ -220,7 +222,18 @@ class Server:
         self._server = await loop.create_server(
             lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
         )
+        shortest = min(self.header_timeout, self.idle_timeout)
+        self._sweep_every = min(1.0, max(0.02, shortest / 4))
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
         return int(self._server.sockets[0].getsockname()[1])
+
+    def _sweep(self) -> None:
+        """Expire connections whose head or idle deadline has passed."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in [c for c in self.connections if c.deadline and c.deadline <= now]:
+            conn.expire()
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
 
     @property
     def busy(self) -> int:
@@ -232,6 +245,9 @@ class Server:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self.connections):
             if not conn.busy:
                 conn.close()
@@ -271,8 +287,10 @@ class ClientConnection(asyncio.Protocol):
         self._body_parts: list[bytes] = []
         self._hop_names: set[bytes] = set()
         self._queue: collections.deque[Request] = collections.deque()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_idle = False  # the timer is the keep-alive idle one, not the head one
+        # One deadline per connection, checked by the server's sweeper: cheaper than a timer
+        # handle created and cancelled for every request.
+        self.deadline = 0.0  # loop time; 0 = none
+        self._deadline_idle = False  # the deadline is the keep-alive idle one, not the head one
         self._reading_paused = False
         self._write_paused = False
         self._streaming: Any = None
@@ -287,7 +305,7 @@ class ClientConnection(asyncio.Protocol):
         if self._server.draining:
             self.close()
             return
-        self._timer = self._loop.call_later(self._server.header_timeout, self._head_timeout)
+        self.deadline = self._loop.time() + self._server.header_timeout
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -323,8 +341,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.transport = None
         self._server.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
+        self.deadline = 0.0
         req = self._req
         if req is not None and req.source is not None:
             req.source.finish(failed=True)
@@ -373,14 +390,11 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._body_bytes = 0
         self._body_parts = []
-        if self._timer_idle:
-            assert self._timer is not None
-            self._timer.cancel()
-            self._timer = None
-            self._timer_idle = False
-        if self._timer is None:
-            # Slowloris guard: the whole head must arrive within header_timeout.
-            self._timer = self._loop.call_later(self._server.header_timeout, self._head_timeout)
+        if self._deadline_idle or not self.deadline:
+            # Slowloris guard: the whole head must arrive within header_timeout (counted from
+            # the connection's start for its first request).
+            self.deadline = self._loop.time() + self._server.header_timeout
+            self._deadline_idle = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -421,9 +435,7 @@ class ClientConnection(asyncio.Protocol):
         req.head.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = 0.0
         req = self._req
         assert req is not None
         parser = self._parser
@@ -600,9 +612,9 @@ class ClientConnection(asyncio.Protocol):
             self._start(self._queue.popleft())
             return
         self.resume_reading()
-        if self._timer is None and self._req is None:
-            self._timer = self._loop.call_later(self._server.idle_timeout, self._idle_timeout)
-            self._timer_idle = True
+        if self._req is None:
+            self.deadline = self._loop.time() + self._server.idle_timeout
+            self._deadline_idle = True
 
     def close(self) -> None:
         """Close after what was written has been sent."""
@@ -612,9 +624,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- refusals -----------------------------------------------------------------------------
     def _refuse(self, answer: bytes) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = 0.0
         self._queue.clear()
         self._req = None
         if self.transport is not None and not self.busy:
@@ -641,8 +651,14 @@ class ClientConnection(asyncio.Protocol):
             close=True,
         )
 
-    def _head_timeout(self) -> None:
-        self._timer = None
+    def expire(self) -> None:
+        """The deadline passed (called by the server's sweeper)."""
+        self.deadline = 0.0
+        if self._deadline_idle:
+            self._deadline_idle = False
+            if not self.busy and self._req is None:
+                self.close()
+            return
         if self._req is not None or not self.busy:
             started = self._req is not None
             self._refuse(
@@ -656,12 +672,6 @@ class ClientConnection(asyncio.Protocol):
                 if started
                 else b""
             )
-
-    def _idle_timeout(self) -> None:
-        self._timer = None
-        self._timer_idle = False
-        if not self.busy and self._req is None:
-            self.close()
 
 
 def _printable(path: str) -> str:

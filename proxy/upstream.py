@@ -22,7 +22,7 @@ import httptools
 from proxy.classify import TransportError
 from proxy.errors import UpstreamError
 
-__all__ = ["Origin", "Pool", "Response", "Sink", "UpstreamError"]
+__all__ = ["Connection", "Origin", "Pool", "Response", "Sink", "UpstreamError"]
 
 # Response headers that describe one hop, not the message (RFC 9110 7.6.1); never passed on.
 _HOP_BY_HOP = frozenset(
@@ -113,7 +113,7 @@ class Response:
         self.retry_after: str | None = None
         self.request_id: str | None = None
         self.idempotency_key: bytes | None = None
-        self.conn: _Connection | None = None
+        self.conn: Connection | None = None
         self.failed = False
         self.resent = False  # sent a second time after a stale pooled connection broke
 
@@ -151,7 +151,7 @@ class BodySource(Protocol):
         ...
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One keep-alive connection to an origin and the parser for its answers."""
 
     def __init__(self, pool: Pool) -> None:
@@ -171,6 +171,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
+        self.deadline = 0.0  # loop time by which the current attempt must be answered
         self.keep_alive = True
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -420,13 +421,13 @@ class Pool:
         self.max_idle = max_idle
         self.buffer_limit = buffer_limit
         self._clock = clock
-        self._idle: collections.deque[_Connection] = collections.deque()
+        self._idle: collections.deque[Connection] = collections.deque()
         self._ssl: ssl.SSLContext | None = None
         if origin.scheme == "https":
             self._ssl = ssl_context or ssl.create_default_context()
         self.opened = 0
 
-    async def acquire(self) -> _Connection:
+    async def acquire(self) -> Connection:
         """A live idle connection (most recently used first), or a new one."""
         idle = self._idle
         now = self._clock()
@@ -441,13 +442,13 @@ class Pool:
             return conn
         return await self.connect()
 
-    async def connect(self) -> _Connection:
+    async def connect(self) -> Connection:
         """Open a new connection (TLS verified for https)."""
         origin = self.origin
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, proto = await self.loop.create_connection(
-                    lambda: _Connection(self),
+                    lambda: Connection(self),
                     origin.host,
                     origin.port,
                     ssl=self._ssl,
@@ -468,7 +469,7 @@ class Pool:
         self.opened += 1
         return proto
 
-    def release(self, conn: _Connection) -> None:
+    def release(self, conn: Connection) -> None:
         """Give a connection back after a complete exchange."""
         if len(self._idle) >= self.max_idle:
             conn.abort()
