@@ -46,11 +46,13 @@ class _Op:
 
     __slots__ = (
         "breaker",
+        "breaker_on",
         "compartment",
         "json_name",
         "metrics",
         "name",
         "pool",
+        "retry",
         "settings",
     )
 
@@ -67,6 +69,8 @@ class _Op:
         self.json_name = json.dumps(name)
         self.pool = pool
         self.settings = settings
+        self.retry = settings.retry
+        self.breaker_on = settings.breaker.enabled
         self.breaker = breaker
         self.metrics = metrics
         self.compartment = compartment
@@ -140,8 +144,13 @@ class Forwarder:
         b = config.bulkhead
         self.bulkhead = Bulkhead(b.max_in_flight, b.max_wait) if b.enabled else None
         self._sidecar_headers = config.server.sidecar_headers
+        self._lines_cache: dict[tuple[int, str], bytes] = {}
         self._inject = config.idempotency.inject
-        self._key_prefix = config.idempotency.key_prefix
+        # Injected keys: a random 128-bit base drawn once per process, then a counter. Unique by
+        # construction (a key reused for another request would make Stripe replay the wrong
+        # answer) and cheaper than a random draw per request.
+        self._key_base = (config.idempotency.key_prefix + os.urandom(16).hex() + "-").encode()
+        self._key_count = 0
         self._ops: dict[str, _Op] = {}
         # Attempts waiting for an answer, each with a deadline the sweeper enforces: cheaper
         # than a timer handle per attempt, at the cost of up to one sweep interval of lateness.
@@ -226,7 +235,7 @@ class Forwarder:
             metrics.in_flight -= 1
 
     async def _forward(self, req: Request, conn: ClientConnection, op: _Op, start: float) -> None:
-        settings = op.settings.retry
+        settings = op.retry
         method = req.method
         self.budget.record_request()
 
@@ -266,7 +275,8 @@ class Forwarder:
             and replayable
             and not req.path.startswith("/oauth/")
         ):
-            injected = (self._key_prefix + os.urandom(16).hex()).encode()
+            self._key_count += 1
+            injected = b"%s%x" % (self._key_base, self._key_count)
             head_lines.append(b"Idempotency-Key: " + injected + b"\r\n")
             op.metrics.key_injected()
         has_key = injected is not None or req.idempotency_key is not None
@@ -298,9 +308,8 @@ class Forwarder:
         try:
             while True:
                 attempt += 1
-                elapsed = self._clock() - start
-                timeout = min(settings.attempt_timeout, settings.deadline - elapsed)
-                t0 = self._clock()
+                t0 = self._clock() if attempt > 1 else start
+                timeout = min(settings.attempt_timeout, settings.deadline - (t0 - start))
                 try:
                     if req.source is not None:
                         resp = await self._attempt_streaming(pool, head, req, timeout)
@@ -323,7 +332,7 @@ class Forwarder:
                 duration = self._clock() - t0
                 op.metrics.attempt(verdict.outcome, duration)
                 failure = verdict.upstream_failure
-                if op.settings.breaker.enabled:
+                if op.breaker_on:
                     op.breaker.record(failure, duration, op.name)
                 if self._host_breaker_on:
                     self.host_breaker.record(failure, duration, op.name)
@@ -471,16 +480,16 @@ class Forwarder:
 
     # -- admission helpers --------------------------------------------------------------------
     def _admit_breakers(self, op: _Op) -> str | None:
-        if op.settings.breaker.enabled and not op.breaker.try_acquire():
+        if op.breaker_on and not op.breaker.try_acquire():
             return "circuit_open"
         if self._host_breaker_on and not self.host_breaker.try_acquire():
-            if op.settings.breaker.enabled:
+            if op.breaker_on:
                 op.breaker.release()
             return "circuit_open"
         return None
 
     def _release_breakers(self, op: _Op) -> None:
-        if op.settings.breaker.enabled:
+        if op.breaker_on:
             op.breaker.release()
         if self._host_breaker_on:
             self.host_breaker.release()
@@ -491,7 +500,12 @@ class Forwarder:
     ) -> bytes:
         if not self._sidecar_headers:
             return b""
-        lines = b"Sidecar-Attempts: %d\r\nSidecar-Outcome: %s\r\n" % (attempts, outcome.encode())
+        key = (attempts, outcome)
+        lines = self._lines_cache.get(key)
+        if lines is None:
+            lines = b"Sidecar-Attempts: %d\r\nSidecar-Outcome: %s\r\n" % (attempts, outcome.encode())
+            if len(self._lines_cache) < 256:
+                self._lines_cache[key] = lines
         if injected is not None and not echoed:
             lines += b"Idempotency-Key: " + injected + b"\r\n"
         return lines
@@ -529,9 +543,10 @@ class Forwarder:
             resp.discard()
             return
         if resp.complete:
-            body = resp.body_bytes()
+            body = resp.body
+            size = len(body[0]) if len(body) == 1 else sum(map(len, body))
             conn.finish(
-                head + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), keep_alive=keep_alive
+                b"".join([head, b"Content-Length: %d\r\n\r\n" % size, *body]), keep_alive=keep_alive
             )
             return
         # A large answer: stream it, framed by the upstream's length or re-chunked.

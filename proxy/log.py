@@ -2,8 +2,8 @@
 
 Secrets never reach this module: callers pass operations, outcomes and Stripe request IDs, never
 headers. As a second line of defence, any string that looks like a Stripe API key is masked.
-Lines are buffered and flushed at least every ``flush_interval`` seconds, so the hot path pays
-for a string format, not a syscall.
+Lines are buffered: the owner flushes them on a timer (the sidecar every 0.5 s) and a full buffer
+flushes itself, so the hot path pays for a string format, not a syscall.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import IO, Any
 
 __all__ = ["Logger", "redact"]
 
+_PLAIN = re.compile(r"[A-Za-z0-9_\-.:]{1,200}")
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _KEY = re.compile(
     r"\b((?:sk|rk|pk)_(?:live|test)_)[A-Za-z0-9]+|(Bearer|Basic)\s+[A-Za-z0-9+/=._-]+"
@@ -36,7 +37,6 @@ class Logger:
         *,
         level: str = "info",
         access_log: bool = True,
-        flush_interval: float = 0.5,
         clock: Any = time.time,
     ) -> None:
         self._stream = stream if stream is not None else sys.stdout
@@ -44,8 +44,6 @@ class Logger:
         self.access_enabled = access_log and self._min <= _LEVELS["info"]
         self._clock = clock
         self._buf: list[str] = []
-        self._flush_interval = flush_interval
-        self._last_flush = 0.0
         self._sec = -1
         self._sec_text = ""
 
@@ -78,7 +76,12 @@ class Logger:
         idempotency_key_injected: bool,
     ) -> None:
         """The one line per request; ``operation`` arrives JSON-encoded (quoted) already."""
-        rid = json.dumps(request_id) if request_id is not None else "null"
+        if request_id is None:
+            rid = "null"
+        elif _PLAIN.fullmatch(request_id):
+            rid = f'"{request_id}"'  # Stripe's req_... ids need no escaping
+        else:
+            rid = json.dumps(request_id)
         self._write(
             f'{{"ts":"{self._ts()}","level":"info","event":"request","operation":{operation},'
             f'"status":{status},"outcome":"{outcome}","attempts":{attempts},'
@@ -87,14 +90,14 @@ class Logger:
         )
 
     def _write(self, line: str) -> None:
-        self._buf.append(line)
-        now = time.monotonic()
-        if now - self._last_flush >= self._flush_interval or len(self._buf) >= 512:
-            self.flush(now)
+        # The owner calls flush() on a timer (the sidecar: every 0.5 s); a full buffer flushes.
+        buf = self._buf
+        buf.append(line)
+        if len(buf) >= 512:
+            self.flush()
 
-    def flush(self, now: float | None = None) -> None:
+    def flush(self) -> None:
         """Write buffered lines out."""
-        self._last_flush = time.monotonic() if now is None else now
         if not self._buf:
             return
         data = "\n".join(self._buf) + "\n"

@@ -3,8 +3,8 @@
 Labels are bounded: operation templates (``POST /v1/customers/{id}``), outcome names, status
 classes, breaker scopes. Never IDs, keys or raw paths.
 
-The four families touched by every request (requests, request duration, attempts, attempt
-duration) and the in-flight gauge are plain counters kept per operation and turned into metric
+The families touched by every request (requests, request duration, attempts, attempt duration,
+injected keys) and the in-flight gauge are plain counters kept per operation and turned into metric
 families only when scraped (:class:`_HotCollector`): the hot path pays an integer increment and a
 bisect, not a lock and a label look-up. Everything rarer uses prometheus_client's own types.
 """
@@ -78,12 +78,6 @@ class Metrics:
             ["operation"],
             registry=registry,
         )
-        self.keys_injected = Counter(
-            f"{ns}_idempotency_keys_injected",
-            "POSTs that arrived without an Idempotency-Key and got one from the sidecar.",
-            ["operation"],
-            registry=registry,
-        )
         self.breaker_state = Gauge(
             f"{ns}_breaker_state",
             "Circuit breaker state per scope: 0 closed, 1 half-open, 2 open.",
@@ -135,6 +129,7 @@ class OperationMetrics:
         "_operation",
         "attempt_duration",
         "attempts",
+        "keys_injected",
         "method",
         "request_duration",
         "requests",
@@ -146,6 +141,7 @@ class OperationMetrics:
         self.method = operation.split(" ", 1)[0]
         self.requests: dict[tuple[int, str], int] = {}
         self.attempts: dict[str, int] = {}
+        self.keys_injected = 0
         self.request_duration = _Histogram()
         self.attempt_duration = _Histogram()
 
@@ -176,7 +172,7 @@ class OperationMetrics:
 
     def key_injected(self) -> None:
         """Count an injected Idempotency-Key."""
-        self._m.keys_injected.labels(self._operation).inc()
+        self.keys_injected += 1
 
     def limiter_wait(self, seconds: float) -> None:
         """Count a wait for a rate-limit token."""
@@ -221,6 +217,11 @@ class _HotCollector(Collector):
             "Latency of each attempt to Stripe, until the answer's head (or failure).",
             labels=["operation"],
         )
+        keys = CounterMetricFamily(
+            f"{_NS}_idempotency_keys_injected",
+            "POSTs that arrived without an Idempotency-Key and got one from the sidecar.",
+            labels=["operation"],
+        )
         in_flight = GaugeMetricFamily(
             f"{_NS}_in_flight_requests", "Client requests being handled now."
         )
@@ -231,6 +232,8 @@ class _HotCollector(Collector):
                     requests.add_metric([name, op.method, status_class, outcome], count)
                 for outcome, count in sorted(op.attempts.items()):
                     attempts.add_metric([name, outcome], count)
+                if op.keys_injected:
+                    keys.add_metric([name], op.keys_injected)
                 for family, hist in (
                     (request_duration, op.request_duration),
                     (attempt_duration, op.attempt_duration),
@@ -242,4 +245,5 @@ class _HotCollector(Collector):
         yield request_duration
         yield attempts
         yield attempt_duration
+        yield keys
         yield in_flight

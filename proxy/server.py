@@ -53,6 +53,21 @@ _DROP = frozenset(
         b"expect",
     }
 )
+# Request headers passed on untouched, spelled as the Stripe SDKs send them: one set look-up
+# instead of lower-casing each name. Anything else takes the general path.
+_PASS_EXACT = frozenset(
+    {
+        b"Stripe-Version",
+        b"Stripe-Account",
+        b"Stripe-Context",
+        b"User-Agent",
+        b"X-Stripe-Client-User-Agent",
+        b"X-Stripe-Client-Telemetry",
+        b"Content-Type",
+        b"Accept",
+        b"Accept-Encoding",
+    }
+)
 _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b""})
 _API_PREFIXES = ("/v1/", "/v2/", "/oauth/")
 # Dot segments (raw or percent-encoded), encoded slashes/backslashes, NUL, backslash: a target
@@ -408,6 +423,9 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(self._too_large_head())
         req = self._req
         assert req is not None
+        if name in _PASS_EXACT:  # what SDKs send, in the case they send it
+            req.head.append(name + b": " + value + b"\r\n")
+            return
         lname = name.lower()
         if lname in _DROP:
             if lname == b"content-length":
@@ -484,7 +502,9 @@ class ClientConnection(asyncio.Protocol):
                     close=True,
                 )
             )
-        if _UNSAFE_PATH.search(path):
+        if not path.isprintable() or (
+            ("." in path or "%" in path or "\\" in path) and _UNSAFE_PATH.search(path)
+        ):
             raise _Reject(
                 error_response(
                     400,

@@ -220,6 +220,9 @@ class Connection(asyncio.Protocol):
         resp = self._resp
         if resp is None:
             return
+        if name in _PASS_EXACT:  # most of Stripe's headers, in the case Stripe writes them
+            resp.headers.append(name + b": " + value + b"\r\n")
+            return
         lname = name.lower()
         if lname in _HOP_BY_HOP:
             if lname == b"transfer-encoding":
@@ -231,17 +234,12 @@ class Connection(asyncio.Protocol):
             except ValueError:
                 resp.content_length = None
             return  # the sidecar frames the answer itself
-        if lname.startswith(b"stripe-") or lname in _NOTED:
-            if lname == b"stripe-should-retry":
-                resp.should_retry = value.decode("latin-1")
-            elif lname == b"stripe-rate-limited-reason":
-                resp.rate_limited_reason = value.decode("latin-1")
-            elif lname == b"retry-after":
-                resp.retry_after = value.decode("latin-1")
-            elif lname == b"request-id":
-                resp.request_id = value.decode("latin-1")
-            elif lname == b"idempotency-key":
+        noted = _NOTED.get(lname)
+        if noted is not None:
+            if noted == "idempotency_key":
                 resp.idempotency_key = value
+            else:
+                setattr(resp, noted, value.decode("latin-1"))
         resp.headers.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
@@ -397,7 +395,45 @@ class Connection(asyncio.Protocol):
         return await waiter
 
 
-_NOTED = frozenset({b"retry-after", b"request-id", b"idempotency-key"})
+# Headers the pipeline reads (besides passing them on), by lower-case name.
+_NOTED = {
+    b"stripe-should-retry": "should_retry",
+    b"stripe-rate-limited-reason": "rate_limited_reason",
+    b"retry-after": "retry_after",
+    b"request-id": "request_id",
+    b"idempotency-key": "idempotency_key",
+}
+# Headers passed on untouched, spelled as Stripe (and common servers) send them: one set look-up
+# instead of lower-casing each name. Anything else takes the general path.
+_PASS_EXACT = frozenset(
+    {
+        b"Server",
+        b"Date",
+        b"Content-Type",
+        b"Content-Encoding",
+        b"Cache-Control",
+        b"Vary",
+        b"ETag",
+        b"Stripe-Version",
+        b"Original-Request",
+        b"Idempotent-Replayed",
+        b"Stripe-Notice",
+        b"Strict-Transport-Security",
+        b"X-Content-Type-Options",
+        b"Content-Security-Policy",
+        b"Cross-Origin-Opener-Policy-Report-Only",
+        b"Report-To",
+        b"Reporting-Endpoints",
+        b"Access-Control-Allow-Credentials",
+        b"Access-Control-Allow-Methods",
+        b"Access-Control-Allow-Origin",
+        b"Access-Control-Expose-Headers",
+        b"Access-Control-Max-Age",
+        b"X-Stripe-Priority-Routing-Enabled",
+        b"X-Stripe-Routing-Context-Priority-Tier",
+        b"X-Wc",
+    }
+)
 
 
 class Pool:
