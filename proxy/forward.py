@@ -503,7 +503,10 @@ class Forwarder:
         key = (attempts, outcome)
         lines = self._lines_cache.get(key)
         if lines is None:
-            lines = b"Sidecar-Attempts: %d\r\nSidecar-Outcome: %s\r\n" % (attempts, outcome.encode())
+            lines = b"Sidecar-Attempts: %d\r\nSidecar-Outcome: %s\r\n" % (
+                attempts,
+                outcome.encode(),
+            )
             if len(self._lines_cache) < 256:
                 self._lines_cache[key] = lines
         if injected is not None and not echoed:
