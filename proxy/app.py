@@ -79,6 +79,7 @@ class Sidecar:
             idle_timeout=s.idle_timeout,
             operator_paths=OPERATOR_PATHS,
         )
+        self.server.forward = self.forwarder.forward  # skip this class's indirection per request
         host, port = parse_listen(s.listen)
         self.port = await self.server.start(host, port)
         self.started_at = self._clock()

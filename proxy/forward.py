@@ -221,7 +221,187 @@ class Forwarder:
         metrics = self.metrics
         metrics.in_flight += 1
         try:
-            await self._forward(req, conn, op, start)
+            settings = op.retry
+            method = req.method
+            self.budget.record_request()
+
+            # admit: breakers (fail fast), rate limit, bulkhead
+            refusal = self._admit_breakers(op)
+            if refusal is not None:
+                self._answer_refusal(req, conn, op, start, refusal)
+                return
+            limiter = self.limiter
+            if limiter is not None:
+                wait = limiter.reserve(op.name)
+                if wait is None:
+                    self._release_breakers(op)
+                    self._answer_refusal(req, conn, op, start, "rate_limited")
+                    return
+                if wait > 0:
+                    op.metrics.limiter_wait(wait)
+                    await self._sleep(wait)
+            bulkhead = self.bulkhead
+            if (
+                bulkhead is not None
+                and not bulkhead.try_enter(op.compartment)
+                and not await bulkhead.enter(op.compartment)
+            ):
+                self._release_breakers(op)
+                self._answer_refusal(req, conn, op, start, "bulkhead_full")
+                return
+
+            # idempotency: make a POST safe to repeat
+            injected: bytes | None = None
+            head_lines = req.head
+            replayable = req.source is None
+            if (
+                req.idempotency_key is None
+                and method == "POST"
+                and self._inject
+                and replayable
+                and not req.path.startswith("/oauth/")
+            ):
+                self._key_count += 1
+                injected = b"%s%x" % (self._key_base, self._key_count)
+                head_lines.append(b"Idempotency-Key: " + injected + b"\r\n")
+                op.metrics.key_injected()
+            has_key = injected is not None or req.idempotency_key is not None
+            pool = op.pool
+            body = req.body
+            head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%b" % (
+                method.encode(),
+                req.target,
+                pool.origin.host_header,
+                b"".join(head_lines),
+            )
+            if req.source is not None:
+                head += (
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                    if req.chunked
+                    else b"Content-Length: %d\r\n\r\n" % (req.content_length or 0)
+                )
+            elif body or method in ("POST", "PUT", "PATCH"):
+                head += b"Content-Length: %d\r\n\r\n" % len(body)
+            else:
+                head += b"\r\n"
+
+            # attempt loop
+            attempt = 0
+            resp: Response | None = None
+            error: UpstreamError | None = None
+            verdict: Verdict
+            retried_or_could = False
+            try:
+                while True:
+                    attempt += 1
+                    t0 = self._clock() if attempt > 1 else start
+                    timeout = min(settings.attempt_timeout, settings.deadline - (t0 - start))
+                    try:
+                        if req.source is not None:
+                            resp = await self._attempt_streaming(pool, head, req, timeout)
+                        else:
+                            resp = await self._attempt(
+                                pool, head, body, method, has_key, timeout, op
+                            )
+                        if resp.resent:
+                            attempt += 1
+                        error = None
+                        verdict = classify_response(
+                            resp.status,
+                            resp.should_retry,
+                            resp.rate_limited_reason,
+                            resp.body_bytes() if resp.status >= 400 and resp.complete else None,
+                        )
+                    except UpstreamError as exc:
+                        resp, error = None, exc
+                        verdict = classify_transport_error(exc.kind)
+                        if exc.resent:
+                            attempt += 1
+                    duration = self._clock() - t0
+                    op.metrics.attempt(verdict.outcome, duration)
+                    failure = verdict.upstream_failure
+                    if op.breaker_on:
+                        op.breaker.record(failure, duration, op.name)
+                    if self._host_breaker_on:
+                        self.host_breaker.record(failure, duration, op.name)
+                    if verdict.outcome is Outcome.RATE_LIMITED and limiter is not None:
+                        limiter.on_rate_limited(op.name, resp.rate_limited_reason if resp else None)
+                    if verdict.outcome is Outcome.SUCCESS or not verdict.retryable:
+                        break
+                    can = should_retry(
+                        verdict,
+                        attempt=attempt,
+                        settings=settings,
+                        elapsed=self._clock() - start,
+                        has_idempotency_key=has_key,
+                        method=method,
+                        body_replayable=replayable and (resp is None or resp.complete),
+                    )
+                    if not can:
+                        retried_or_could = attempt > 1 or (
+                            settings.enabled and replayable and (has_key or method in _REPEATABLE)
+                        )
+                        break
+                    retried_or_could = True
+                    if conn.closed:
+                        break
+                    if not self.budget.try_acquire():
+                        op.metrics.budget_exhausted()
+                        break
+                    retry_after = (
+                        parse_retry_after(resp.retry_after, self._wall()) if resp else None
+                    )
+                    delay = retry_delay(verdict, attempt, retry_after, settings, self._rand)
+                    if self._clock() - start + delay >= settings.deadline:
+                        break
+                    if self._admit_breakers(op) is not None:
+                        break  # the breaker opened meanwhile: answer with what we have
+                    if limiter is not None:
+                        wait = limiter.reserve(op.name)
+                        if wait is None:
+                            self._release_breakers(op)
+                            break
+                        delay = max(delay, wait)
+                    op.metrics.retry(verdict.outcome)
+                    self.log.event(
+                        "retry_scheduled",
+                        operation=op.name,
+                        outcome=verdict.outcome.value,
+                        attempt=attempt,
+                        delay_ms=round(delay * 1000, 1),
+                    )
+                    if resp is not None:
+                        resp.discard()
+                        resp = None
+                    if delay > 0:
+                        await self._sleep(delay)
+            finally:
+                if bulkhead is not None:
+                    bulkhead.leave(op.compartment)
+
+            # respond
+            if resp is not None:
+                status = resp.status
+                self._answer(req, conn, resp, verdict, attempt, injected, retried_or_could)
+            else:
+                assert error is not None
+                status = self._answer_error(
+                    req, conn, error, verdict, attempt, injected, retried_or_could
+                )
+
+            # record
+            duration = self._clock() - start
+            op.metrics.request(status, verdict.outcome, duration)
+            if self.log.access_enabled:
+                self.log.access(
+                    op.json_name,
+                    status,
+                    verdict.outcome,
+                    attempt,
+                    duration,
+                    resp.request_id if resp is not None else None,
+                    injected is not None,
+                )
         except Exception as exc:  # a bug must cost one request, never the connection loop
             self.log.event("internal_error", "error", operation=op.name, error=repr(exc))
             conn.finish(
@@ -233,185 +413,6 @@ class Forwarder:
             op.metrics.request(500, "internal_error", self._clock() - start)
         finally:
             metrics.in_flight -= 1
-
-    async def _forward(self, req: Request, conn: ClientConnection, op: _Op, start: float) -> None:
-        settings = op.retry
-        method = req.method
-        self.budget.record_request()
-
-        # admit: breakers (fail fast), rate limit, bulkhead
-        refusal = self._admit_breakers(op)
-        if refusal is not None:
-            self._answer_refusal(req, conn, op, start, refusal)
-            return
-        limiter = self.limiter
-        if limiter is not None:
-            wait = limiter.reserve(op.name)
-            if wait is None:
-                self._release_breakers(op)
-                self._answer_refusal(req, conn, op, start, "rate_limited")
-                return
-            if wait > 0:
-                op.metrics.limiter_wait(wait)
-                await self._sleep(wait)
-        bulkhead = self.bulkhead
-        if (
-            bulkhead is not None
-            and not bulkhead.try_enter(op.compartment)
-            and not await bulkhead.enter(op.compartment)
-        ):
-            self._release_breakers(op)
-            self._answer_refusal(req, conn, op, start, "bulkhead_full")
-            return
-
-        # idempotency: make a POST safe to repeat
-        injected: bytes | None = None
-        head_lines = req.head
-        replayable = req.source is None
-        if (
-            req.idempotency_key is None
-            and method == "POST"
-            and self._inject
-            and replayable
-            and not req.path.startswith("/oauth/")
-        ):
-            self._key_count += 1
-            injected = b"%s%x" % (self._key_base, self._key_count)
-            head_lines.append(b"Idempotency-Key: " + injected + b"\r\n")
-            op.metrics.key_injected()
-        has_key = injected is not None or req.idempotency_key is not None
-        pool = op.pool
-        body = req.body
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%b" % (
-            method.encode(),
-            req.target,
-            pool.origin.host_header,
-            b"".join(head_lines),
-        )
-        if req.source is not None:
-            head += (
-                b"Transfer-Encoding: chunked\r\n\r\n"
-                if req.chunked
-                else b"Content-Length: %d\r\n\r\n" % (req.content_length or 0)
-            )
-        elif body or method in ("POST", "PUT", "PATCH"):
-            head += b"Content-Length: %d\r\n\r\n" % len(body)
-        else:
-            head += b"\r\n"
-
-        # attempt loop
-        attempt = 0
-        resp: Response | None = None
-        error: UpstreamError | None = None
-        verdict: Verdict
-        retried_or_could = False
-        try:
-            while True:
-                attempt += 1
-                t0 = self._clock() if attempt > 1 else start
-                timeout = min(settings.attempt_timeout, settings.deadline - (t0 - start))
-                try:
-                    if req.source is not None:
-                        resp = await self._attempt_streaming(pool, head, req, timeout)
-                    else:
-                        resp = await self._attempt(pool, head, body, method, has_key, timeout, op)
-                    if resp.resent:
-                        attempt += 1
-                    error = None
-                    verdict = classify_response(
-                        resp.status,
-                        resp.should_retry,
-                        resp.rate_limited_reason,
-                        resp.body_bytes() if resp.status >= 400 and resp.complete else None,
-                    )
-                except UpstreamError as exc:
-                    resp, error = None, exc
-                    verdict = classify_transport_error(exc.kind)
-                    if exc.resent:
-                        attempt += 1
-                duration = self._clock() - t0
-                op.metrics.attempt(verdict.outcome, duration)
-                failure = verdict.upstream_failure
-                if op.breaker_on:
-                    op.breaker.record(failure, duration, op.name)
-                if self._host_breaker_on:
-                    self.host_breaker.record(failure, duration, op.name)
-                if verdict.outcome is Outcome.RATE_LIMITED and limiter is not None:
-                    limiter.on_rate_limited(op.name, resp.rate_limited_reason if resp else None)
-                if verdict.outcome is Outcome.SUCCESS or not verdict.retryable:
-                    break
-                can = should_retry(
-                    verdict,
-                    attempt=attempt,
-                    settings=settings,
-                    elapsed=self._clock() - start,
-                    has_idempotency_key=has_key,
-                    method=method,
-                    body_replayable=replayable and (resp is None or resp.complete),
-                )
-                if not can:
-                    retried_or_could = attempt > 1 or (
-                        settings.enabled and replayable and (has_key or method in _REPEATABLE)
-                    )
-                    break
-                retried_or_could = True
-                if conn.closed:
-                    break
-                if not self.budget.try_acquire():
-                    op.metrics.budget_exhausted()
-                    break
-                retry_after = parse_retry_after(resp.retry_after, self._wall()) if resp else None
-                delay = retry_delay(verdict, attempt, retry_after, settings, self._rand)
-                if self._clock() - start + delay >= settings.deadline:
-                    break
-                if self._admit_breakers(op) is not None:
-                    break  # the breaker opened meanwhile: answer with what we have
-                if limiter is not None:
-                    wait = limiter.reserve(op.name)
-                    if wait is None:
-                        self._release_breakers(op)
-                        break
-                    delay = max(delay, wait)
-                op.metrics.retry(verdict.outcome)
-                self.log.event(
-                    "retry_scheduled",
-                    operation=op.name,
-                    outcome=verdict.outcome.value,
-                    attempt=attempt,
-                    delay_ms=round(delay * 1000, 1),
-                )
-                if resp is not None:
-                    resp.discard()
-                    resp = None
-                if delay > 0:
-                    await self._sleep(delay)
-        finally:
-            if bulkhead is not None:
-                bulkhead.leave(op.compartment)
-
-        # respond
-        if resp is not None:
-            status = resp.status
-            self._answer(req, conn, resp, verdict, attempt, injected, retried_or_could)
-        else:
-            assert error is not None
-            status = self._answer_error(
-                req, conn, error, verdict, attempt, injected, retried_or_could
-            )
-
-        # record
-        duration = self._clock() - start
-        op.metrics.request(status, verdict.outcome, duration)
-        if self.log.access_enabled:
-            self.log.access(
-                op.json_name,
-                status,
-                verdict.outcome,
-                attempt,
-                duration,
-                resp.request_id if resp is not None else None,
-                injected is not None,
-            )
 
     async def _attempt(
         self,

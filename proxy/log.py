@@ -46,14 +46,19 @@ class Logger:
         self._buf: list[str] = []
         self._sec = -1
         self._sec_text = ""
+        self._ms = -1
+        self._ms_text = ""
 
     def _ts(self) -> str:
-        now = self._clock()
-        sec = int(now)
-        if sec != self._sec:
-            self._sec = sec
-            self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._sec_text}.{int((now - sec) * 1000):03d}Z"
+        ms = int(self._clock() * 1000)
+        if ms != self._ms:  # many lines share a millisecond under load
+            self._ms = ms
+            sec = ms // 1000
+            if sec != self._sec:
+                self._sec = sec
+                self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+            self._ms_text = f"{self._sec_text}.{ms % 1000:03d}Z"
+        return self._ms_text
 
     def event(self, event: str, level: str = "info", **fields: Any) -> None:
         """Log one event with its fields (strings are redacted)."""

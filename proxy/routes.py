@@ -44,9 +44,21 @@ class Router:
         self._routes = tuple(routes)
         self._max = max_operations
         self._templates: dict[tuple[str, str], tuple[str, str]] = {}
+        # Raw (method, path) seen lately: list and create calls repeat their paths exactly.
+        self._recent: dict[tuple[str, str], tuple[str, str]] = {}
 
     def resolve(self, method: str, path: str) -> tuple[str, str]:
         """Return ``(operation, host)`` for a request; ``path`` excludes the query string."""
+        seen = self._recent.get((method, path))
+        if seen is not None:
+            return seen
+        result = self._resolve(method, path)
+        if len(self._recent) >= 4096:
+            self._recent.clear()  # paths with IDs rarely repeat: keep this small, not clever
+        self._recent[(method, path)] = result
+        return result
+
+    def _resolve(self, method: str, path: str) -> tuple[str, str]:
         cut = path.find("/", 1)  # the version segment (/v1) is never an ID
         template = path[:cut] + _ID_SEGMENT.sub("/{id}", path[cut:]) if cut > 0 else path
         key = (method, template)

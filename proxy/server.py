@@ -218,6 +218,10 @@ class Server:
         operator_paths: frozenset[str],
     ) -> None:
         self.handler = handler
+        # Resolved once: called for every request.
+        self.forward: Callable[[Request, ClientConnection], Coroutine[Any, Any, None]] = (
+            handler.forward
+        )
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.max_buffered_body = max_buffered_body
@@ -583,7 +587,7 @@ class ClientConnection(asyncio.Protocol):
             if answer is not None:
                 self.finish(answer, keep_alive=req.keep_alive)
                 return
-        self._loop.create_task(self._server.handler.forward(req, self))
+        self._loop.create_task(self._server.forward(req, self))
 
     # -- answering (used by the pipeline) ------------------------------------------------------
     def _write(self, data: bytes) -> None:
