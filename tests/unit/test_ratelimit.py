@@ -5,21 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from fakeclock import FakeClock
 
 from proxy.ratelimit import RateLimiter, RateLimitSettings
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make(**settings: object) -> tuple[RateLimiter, FakeClock]:

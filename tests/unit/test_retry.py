@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import pytest
+from fakeclock import FakeClock
 
 from proxy.classify import TransportError, Verdict, classify_response
 from proxy.classify import classify_transport_error as transport
@@ -18,19 +19,6 @@ from proxy.retry import (
     retry_delay,
     should_retry,
 )
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def sequence(values: Iterable[float]) -> Callable[[], float]:
