@@ -19,6 +19,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxy.window import SecondBuckets
+
 __all__ = ["BreakerSettings", "BreakerState", "CircuitBreaker"]
 
 
@@ -71,13 +73,10 @@ class CircuitBreaker:
         "_clock",
         "_consecutive",
         "_consecutive_limit",
-        "_edge",
         "_enabled",
         "_fail_ops",
         "_failures",
-        "_idx",
         "_last_probe_at",
-        "_n",
         "_on_transition",
         "_open_until",
         "_probe_limit",
@@ -85,12 +84,12 @@ class CircuitBreaker:
         "_probes_inflight",
         "_probes_issued",
         "_reopens",
-        "_sec",
         "_slow",
         "_slow_after",
         "_slow_ops",
         "_state",
         "_track_operations",
+        "_window",
         "settings",
         "trips",
     )
@@ -115,13 +114,8 @@ class CircuitBreaker:
         )
         self._track_operations = settings.min_failing_operations > 1
         self._probe_limit = max(1, settings.half_open_probes)
-        self._n = max(1, math.ceil(settings.window))
-        self._calls = [0] * self._n
-        self._failures = [0] * self._n
-        self._slow = [0] * self._n
-        self._sec = math.floor(clock())
-        self._idx = self._sec % self._n
-        self._edge = self._sec + 1.0
+        self._window = SecondBuckets(settings.window, 3, clock())
+        self._calls, self._failures, self._slow = self._window.rings
         self._consecutive = 0
         # operation -> clock time of its latest failure / slow call (host breaker only)
         self._fail_ops: dict[str | None, float] = {}
@@ -183,9 +177,10 @@ class CircuitBreaker:
         if not self._enabled:
             return
         now = self._clock()
-        if now >= self._edge:
-            self._advance(now)
-        idx = self._idx
+        window = self._window
+        if now >= window.edge:
+            window.advance(now)
+        idx = window.idx
         self._calls[idx] += 1
         if failure:
             self._failures[idx] += 1
@@ -207,8 +202,8 @@ class CircuitBreaker:
     def window_counts(self) -> tuple[int, int, int]:
         """``(calls, failures, slow)`` in the current window, for metrics and the status page."""
         now = self._clock()
-        if now >= self._edge:
-            self._advance(now)
+        if now >= self._window.edge:
+            self._window.advance(now)
         return sum(self._calls), sum(self._failures), sum(self._slow)
 
     # -- rules ---------------------------------------------------------------------------------
@@ -290,29 +285,7 @@ class CircuitBreaker:
     # -- window --------------------------------------------------------------------------------
 
     def _reset_window(self) -> None:
-        for i in range(self._n):
-            self._calls[i] = 0
-            self._failures[i] = 0
-            self._slow[i] = 0
+        self._window.clear()
         self._consecutive = 0
         self._fail_ops.clear()
         self._slow_ops.clear()
-
-    def _advance(self, now: float) -> None:
-        sec = math.floor(now)
-        n = self._n
-        steps = sec - self._sec
-        if steps >= n:
-            for i in range(n):
-                self._calls[i] = 0
-                self._failures[i] = 0
-                self._slow[i] = 0
-        else:
-            for k in range(1, steps + 1):
-                i = (self._sec + k) % n
-                self._calls[i] = 0
-                self._failures[i] = 0
-                self._slow[i] = 0
-        self._sec = sec
-        self._idx = sec % n
-        self._edge = sec + 1.0

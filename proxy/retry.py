@@ -14,6 +14,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 from proxy.classify import Outcome, Verdict
+from proxy.window import SecondBuckets
 
 __all__ = [
     "RetryBudget",
@@ -157,17 +158,7 @@ class RetryBudget:
     included). The clock is monotonic seconds.
     """
 
-    __slots__ = (
-        "_clock",
-        "_edge",
-        "_floor",
-        "_idx",
-        "_n",
-        "_ratio",
-        "_requests",
-        "_retries",
-        "_sec",
-    )
+    __slots__ = ("_clock", "_floor", "_ratio", "_requests", "_retries", "_window")
 
     def __init__(
         self, ratio: float, min_per_second: float, window: float, clock: Callable[[], float]
@@ -177,50 +168,31 @@ class RetryBudget:
         self._clock = clock
         self._ratio = ratio
         self._floor = min_per_second * window
-        self._n = max(1, math.ceil(window))
-        self._requests = [0] * self._n
-        self._retries = [0] * self._n
-        self._sec = math.floor(clock())
-        self._idx = self._sec % self._n
-        self._edge = self._sec + 1.0
+        self._window = SecondBuckets(window, 2, clock())
+        self._requests, self._retries = self._window.rings
 
     def record_request(self) -> None:
         """Count one client request (call once per request, not per attempt)."""
         now = self._clock()
-        if now >= self._edge:
-            self._advance(now)
-        self._requests[self._idx] += 1
+        window = self._window
+        if now >= window.edge:
+            window.advance(now)
+        self._requests[window.idx] += 1
 
     def try_acquire(self) -> bool:
         """Whether a retry may be made now; if so it is counted. False = budget exhausted."""
         now = self._clock()
-        if now >= self._edge:
-            self._advance(now)
+        window = self._window
+        if now >= window.edge:
+            window.advance(now)
         if sum(self._retries) < self._ratio * sum(self._requests) + self._floor:
-            self._retries[self._idx] += 1
+            self._retries[window.idx] += 1
             return True
         return False
 
     def counts(self) -> tuple[int, int]:
         """``(requests, retries)`` in the current window, for metrics and the status page."""
         now = self._clock()
-        if now >= self._edge:
-            self._advance(now)
+        if now >= self._window.edge:
+            self._window.advance(now)
         return sum(self._requests), sum(self._retries)
-
-    def _advance(self, now: float) -> None:
-        sec = math.floor(now)
-        n = self._n
-        steps = sec - self._sec
-        if steps >= n:
-            for i in range(n):
-                self._requests[i] = 0
-                self._retries[i] = 0
-        else:
-            for k in range(1, steps + 1):
-                i = (self._sec + k) % n
-                self._requests[i] = 0
-                self._retries[i] = 0
-        self._sec = sec
-        self._idx = sec % n
-        self._edge = sec + 1.0
