@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "IdempotencySettings",
     "LogSettings",
+    "OperationLimits",
     "OperationSettings",
     "ServerSettings",
     "UpstreamSettings",
@@ -101,11 +102,21 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OperationLimits:
+    """One operation's own rate and concurrency limits (None: the section defaults)."""
+
+    endpoint_rate: float | None = None
+    endpoint_burst: float | None = None
+    max_in_flight: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class OperationSettings:
     """Settings that may differ per operation (``POST /v1/payment_intents``)."""
 
     retry: RetrySettings = field(default_factory=RetrySettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    limits: OperationLimits = field(default_factory=OperationLimits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +227,7 @@ def _convert(tp: Any, value: Any, where: str, name: str, problems: list[str]) ->
         if isinstance(value, bool) or not isinstance(value, int | float):
             problems.append(f"{where}: {value!r} is not a number")
             return value
-        _check_number(name, float(value), where, problems)
+        _check_number(name, value, where, problems)  # the value as written, in messages
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -305,10 +316,10 @@ def _operations(value: Any, where: str, problems: list[str]) -> Mapping[str, Any
         if method not in _METHODS or not path.startswith("/"):
             problems.append(f"{at}: operation must look like 'POST /v1/payment_intents'")
         if not isinstance(body, dict):
-            problems.append(f"{at}: expected a mapping with retry and/or breaker")
+            problems.append(f"{at}: expected a mapping with retry, breaker and/or limits")
             continue
         for key in body:
-            if key not in ("retry", "breaker"):
+            if key not in ("retry", "breaker", "limits"):
                 problems.append(f"unknown key: {at}.{key}")
         out[str(op)] = body
     return out
@@ -372,7 +383,10 @@ def config_from_dict(data: Any, *, source: str = "config") -> Config:
                 f"operations.{op}.breaker",
                 problems,
             )
-            resolved[op] = OperationSettings(retry=retry, breaker=breaker)
+            limits = _build(
+                OperationLimits, body.get("limits"), f"operations.{op}.limits", problems
+            )
+            resolved[op] = OperationSettings(retry=retry, breaker=breaker, limits=limits)
         config = dataclasses.replace(config, operations=resolved)
     _cross_checks(config, problems)
     if problems:

@@ -180,13 +180,25 @@ class Forwarder:
         op = self._ops.get(name)
         if op is None:
             settings = self.config.for_operation(name)
+            limits = settings.limits
+            if self.limiter is not None and (
+                limits.endpoint_rate is not None or limits.endpoint_burst is not None
+            ):
+                rl = self.config.ratelimit
+                rate = limits.endpoint_rate or rl.endpoint_rate
+                burst = limits.endpoint_burst or max(
+                    1.0, rate * rl.endpoint_burst / rl.endpoint_rate
+                )
+                self.limiter.set_endpoint_limit(name, rate, burst)
             op = _Op(
                 name,
                 self.pools.get(host) or self.pools["api"],
                 settings,
                 CircuitBreaker(settings.breaker, self._clock, self._on_transition(name)),
                 self.metrics.operation(name),
-                Compartment(self.config.bulkhead.max_in_flight_per_operation),
+                Compartment(
+                    limits.max_in_flight or self.config.bulkhead.max_in_flight_per_operation
+                ),
             )
             self._ops[name] = op
             self.metrics.breaker_state.labels(name).set(0)

@@ -178,6 +178,12 @@ class RateLimiter:
         e.last = now
         return wait
 
+    def set_endpoint_limit(self, endpoint: str, rate: float, burst: float) -> None:
+        """Give ``endpoint`` its own rate and burst (e.g. Stripe's 20/s for Files and Search)."""
+        if rate <= 0 or burst < 1:
+            raise ValueError("an endpoint's rate must be positive and its burst at least 1")
+        self._endpoints[endpoint] = _Bucket(rate, burst, self._clock(), self._share)
+
     def on_rate_limited(self, endpoint: str, reason: str | None) -> None:
         """Slow down the scope a 429's ``Stripe-Rate-Limited-Reason`` names.
 

@@ -89,6 +89,19 @@ def test_operation_overrides_merge_over_the_sections():
     assert config.for_operation("GET /v1/customers").breaker.open_duration == 5.0
 
 
+def test_operation_limits_are_read_and_checked():
+    """Per-operation limits are optional numbers; bad ones are named by path."""
+    config = config_from_dict({"operations": {"POST /v1/files": {"limits": {"endpoint_rate": 20, "max_in_flight": 4}}}})
+    limits = config.for_operation("POST /v1/files").limits
+    assert (limits.endpoint_rate, limits.endpoint_burst, limits.max_in_flight) == (20.0, None, 4)
+    assert config.for_operation("GET /v1/balance").limits.endpoint_rate is None
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"operations": {"POST /v1/files": {"limits": {"endpoint_rate": 0, "max_inflight": 2}}}})
+    text = "\n".join(info.value.problems)
+    assert "operations.POST /v1/files.limits.endpoint_rate: 0 is not a positive number" in text
+    assert "unknown key: operations.POST /v1/files.limits.max_inflight (did you mean max_in_flight?)" in text
+
+
 def test_bad_operation_override_names_its_path():
     """Problems inside an operation override carry the full key path."""
     with pytest.raises(ConfigError) as info:

@@ -396,3 +396,46 @@ async def test_retries_off_is_a_transparent_proxy(raw_upstream, make_sidecar):
     assert answers[0].status == 503
     assert answers[0].header("Stripe-Should-Retry") is None
     assert up.received[0].header("Idempotency-Key") is None
+
+
+async def test_operation_limits_apply_to_that_operation_only(raw_upstream, make_sidecar):
+    """An operation's own endpoint_rate throttles it while other operations keep the default."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(
+        up.url,
+        sleep=Sleeps(),
+        ratelimit={"enabled": True, "endpoint_rate": 100.0, "endpoint_burst": 100.0, "max_wait": 0.01},
+        operations={"GET /v1/customers/{id}": {"limits": {"endpoint_rate": 1.0, "endpoint_burst": 1.0}}},
+    )
+    limited = [(await exchange(sc.port, GET))[0][0].status for _ in range(3)]
+    others = [(await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n"))[0][0].status for _ in range(3)]
+    assert limited == [200, 429, 429]
+    assert others == [200, 200, 200]
+
+
+async def test_operation_max_in_flight_bounds_that_operation(raw_upstream, make_sidecar):
+    """An operation's own max_in_flight refuses its excess while other operations still flow."""
+    release = asyncio.Event()
+
+    async def slow(transport: asyncio.Transport) -> None:
+        await release.wait()
+        transport.write(OK)
+
+    up = await raw_upstream(lambda r: slow if r.target.startswith(b"/v1/customers") else OK)
+    sc = await make_sidecar(
+        up.url,
+        bulkhead={"max_wait": 0.05},
+        operations={"GET /v1/customers/{id}": {"limits": {"max_in_flight": 1}}},
+    )
+    first = asyncio.create_task(exchange(sc.port, GET))
+    deadline = time.monotonic() + 5
+    while not up.received:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    second, _ = await exchange(sc.port, GET)
+    assert second[0].json()["error"]["code"] == "sidecar_bulkhead_full"
+    other, _ = await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert other[0].status == 200
+    release.set()
+    done, _ = await first
+    assert done[0].status == 200
