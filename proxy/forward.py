@@ -537,12 +537,22 @@ class Forwarder:
         gave_up: bool,
     ) -> None:
         headers = resp.headers
+        keep_alive = req.keep_alive and (req.source is None or req.source.done)
         if gave_up and verdict.retryable:
+            if (
+                verdict.outcome is Outcome.GATEWAY_ERROR
+                and resp.complete
+                and not resp.body_bytes().lstrip().startswith(b"{")
+            ):
+                # A load balancer's HTML page. SDKs that cannot parse a body retry it whatever
+                # Stripe-Should-Retry says (stripe-go does), so the final answer is made
+                # Stripe-shaped instead.
+                self._answer_gateway_page(req, conn, resp, verdict, attempts, injected, keep_alive)
+                return
             # The sidecar already retried (or chose not to): an SDK retrying on top would
             # multiply the load on Stripe, so say so.
             headers = [h for h in headers if not h[:20].lower().startswith(b"stripe-should-retry:")]
             headers.append(b"Stripe-Should-Retry: false\r\n")
-        keep_alive = req.keep_alive and (req.source is None or req.source.done)
         head = b"HTTP/1.1 %d %s\r\n%b%b" % (
             resp.status,
             resp.reason,
@@ -574,6 +584,30 @@ class Forwarder:
             sink = _StreamSink(conn, chunked=True, keep_alive=keep_alive)
         conn.set_streaming(resp)
         resp.stream(sink)
+
+    def _answer_gateway_page(
+        self,
+        req: Request,
+        conn: ClientConnection,
+        resp: Response,
+        verdict: Verdict,
+        attempts: int,
+        injected: bytes | None,
+        keep_alive: bool,
+    ) -> None:
+        status = resp.status
+        extra = self._sidecar_lines(attempts, verdict.outcome, injected, False)
+        extra += b"Stripe-Should-Retry: false\r\n"
+        message = (
+            f"Stripe's edge answered {status} with a page that is not a Stripe API answer, "
+            f"on every attempt ({attempts})."
+        )
+        conn.finish(
+            error_response(
+                status, "upstream_gateway_error", message, extra=extra, close=not keep_alive
+            ),
+            keep_alive=keep_alive,
+        )
 
     def _answer_error(
         self,

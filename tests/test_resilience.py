@@ -221,7 +221,8 @@ async def test_breaker_opens_and_fails_fast(raw_upstream, make_sidecar):
     )
     for _ in range(5):
         answers, _ = await exchange(sc.port, GET)
-        assert answers[0].status == 503 and answers[0].body == b"<h1>overload</h1>"
+        assert answers[0].status == 503
+        assert answers[0].json()["error"]["code"] == "sidecar_upstream_gateway_error"
     answers, _ = await exchange(sc.port, GET)
     a = answers[0]
     assert a.status == 503
@@ -234,7 +235,8 @@ async def test_breaker_opens_and_fails_fast(raw_upstream, make_sidecar):
     assert sc.registry.get_sample_value("stripe_sidecar_fail_fast_total", {"operation": "GET /v1/customers/{id}", "reason": "circuit_open"}) == 1
     # Another operation still flows: one bad endpoint does not take the host down.
     answers, _ = await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert answers[0].body == b"<h1>overload</h1>"
+    assert answers[0].json()["error"]["code"] == "sidecar_upstream_gateway_error"
+    assert len(up.received) == 6
 
 
 async def test_breaker_heals_through_half_open_probes(raw_upstream, make_sidecar):
@@ -439,3 +441,19 @@ async def test_operation_max_in_flight_bounds_that_operation(raw_upstream, make_
     release.set()
     done, _ = await first
     assert done[0].status == 200
+
+
+async def test_final_html_gateway_page_becomes_a_stripe_shaped_error(raw_upstream, make_sidecar):
+    """Giving up on a load balancer's HTML page answers Stripe-shaped JSON, so no SDK retries it."""
+    up = await raw_upstream(lambda r: HTML_503)
+    sc = await make_sidecar(up.url, sleep=Sleeps(), retry={"max_attempts": 2})
+    answers, _ = await exchange(sc.port, POST)
+    a = answers[0]
+    assert a.status == 503
+    err = a.json()["error"]
+    assert err["type"] == "api_error"
+    assert err["code"] == "sidecar_upstream_gateway_error"
+    assert a.header("Stripe-Should-Retry") == b"false"
+    assert a.header("Sidecar-Attempts") == b"2"
+    assert a.header("Idempotency-Key") == up.received[0].header("Idempotency-Key")
+    assert len(up.received) == 2
