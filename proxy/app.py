@@ -179,7 +179,10 @@ class Sidecar:
 
 
 async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -> int:
-    """Run the sidecar until SIGTERM/SIGINT; exit status 0 after a clean drain."""
+    """Run the sidecar until SIGTERM/SIGINT, drain, and return exit status 0.
+
+    Whether every in-flight request finished within the grace period is logged (``stopped``).
+    """
     sidecar = Sidecar(config)
     port = await sidecar.start()
     if ready is not None:

@@ -35,7 +35,13 @@ class Bulkhead:
 
     def try_enter(self, comp: Compartment) -> bool:
         """Take a slot now if both limits allow and nobody is queued ahead."""
-        if self.in_flight < self.limit and comp.in_flight < comp.limit and not self._waiters:
+        if (
+            self.in_flight < self.limit
+            and comp.in_flight < comp.limit
+            # Queued requests go first, but only those that could take a slot now: one waiting
+            # for its own full compartment must not hold up other operations.
+            and not any(other.in_flight < other.limit for other, _ in self._waiters)
+        ):
             self.in_flight += 1
             comp.in_flight += 1
             return True

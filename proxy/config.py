@@ -357,6 +357,12 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             problems.append(f"upstream.routes[{i}].host: {route.host!r} is not in upstream.hosts")
     sections: list[tuple[str, RetrySettings]] = [("retry", config.retry)]
     sections += [(f"operations.{op}.retry", s.retry) for op, s in config.operations.items()]
+    for op, settings in config.operations.items():
+        if settings.retry.max_replay_body != config.retry.max_replay_body:
+            # The door decides to buffer or stream a body before it knows the operation.
+            problems.append(
+                f"operations.{op}.retry.max_replay_body: set it for all operations, in retry"
+            )
     for where, retry in sections:
         if retry.base_delay > retry.max_delay:
             problems.append(f"{where}.base_delay: {retry.base_delay} exceeds max_delay")

@@ -4,7 +4,9 @@ Exceptions::
 
     SidecarError                 base of everything the sidecar raises on purpose
     ├── ConfigError              bad configuration; lists every problem with its key path
-    └── UpstreamError            an attempt to reach Stripe failed (kind: TransportError)
+    ├── ClientGone               the client went away before sending its whole request body
+    └── UpstreamError            an attempt to reach Stripe failed (kind: TransportError);
+                                 ``caused_by_client`` when the client's body was the trouble
 
 Errors the sidecar answers itself are rendered by :func:`error_body` in Stripe's shape,
 ``{"error": {"type": ..., "code": "sidecar_...", "message": ...}}``, so every SDK raises a
@@ -17,7 +19,7 @@ import json
 
 from proxy.classify import TransportError
 
-__all__ = ["ConfigError", "SidecarError", "UpstreamError", "error_body"]
+__all__ = ["ClientGone", "ConfigError", "SidecarError", "UpstreamError", "error_body"]
 
 
 class SidecarError(Exception):
@@ -34,12 +36,25 @@ class ConfigError(SidecarError):
         super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
 
 
+class ClientGone(SidecarError):
+    """The client disconnected (or its body broke off) while its body was being forwarded."""
+
+
 class UpstreamError(SidecarError):
     """One attempt to reach the upstream failed before a complete answer arrived."""
 
-    def __init__(self, kind: TransportError, message: str, *, response_started: bool = False):
+    def __init__(
+        self,
+        kind: TransportError,
+        message: str,
+        *,
+        response_started: bool = False,
+        caused_by_client: bool = False,
+    ):
         self.kind = kind
         self.response_started = response_started
+        # The client stalled or vanished mid-body: not Stripe's fault, so no breaker counts it.
+        self.caused_by_client = caused_by_client
         self.resent = False  # the request went out twice (a stale pooled connection first)
         super().__init__(message)
 

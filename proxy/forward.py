@@ -242,16 +242,7 @@ class Forwarder:
             if refusal is not None:
                 self._answer_refusal(req, conn, op, start, refusal)
                 return
-            limiter = self.limiter
-            if limiter is not None:
-                wait = limiter.reserve(op.name)
-                if wait is None:
-                    self._release_breakers(op)
-                    self._answer_refusal(req, conn, op, start, "rate_limited")
-                    return
-                if wait > 0:
-                    op.metrics.limiter_wait(wait)
-                    await self._sleep(wait)
+            # The bulkhead before the limiter: a request it turns away takes no rate token.
             bulkhead = self.bulkhead
             if (
                 bulkhead is not None
@@ -261,6 +252,18 @@ class Forwarder:
                 self._release_breakers(op)
                 self._answer_refusal(req, conn, op, start, "bulkhead_full")
                 return
+            limiter = self.limiter
+            if limiter is not None:
+                wait = limiter.reserve(op.name)
+                if wait is None:
+                    if bulkhead is not None:
+                        bulkhead.leave(op.compartment)
+                    self._release_breakers(op)
+                    self._answer_refusal(req, conn, op, start, "rate_limited")
+                    return
+                if wait > 0:
+                    op.metrics.limiter_wait(wait)
+                    await self._sleep(wait)
 
             # idempotency: make a POST safe to repeat
             injected: bytes | None = None
@@ -329,6 +332,10 @@ class Forwarder:
                         verdict = classify_transport_error(exc.kind)
                         if exc.resent:
                             attempt += 1
+                        if exc.caused_by_client:
+                            # The client stalled or left mid-body: nothing to learn about Stripe.
+                            self._release_breakers(op)
+                            break
                     duration = self._clock() - t0
                     op.metrics.attempt(verdict.outcome, duration)
                     failure = verdict.upstream_failure
@@ -463,7 +470,11 @@ class Forwarder:
             armed.discard(conn)
             conn.deadline = 0.0
         op.metrics.attempt(Outcome.CONNECTION_ERROR, 0.0)
-        fresh = await pool.connect()
+        try:
+            fresh = await pool.connect()
+        except UpstreamError as exc:
+            exc.resent = True  # the lost send on the stale connection still counts
+            raise
         fresh.deadline = deadline
         armed.add(fresh)
         try:
@@ -537,7 +548,7 @@ class Forwarder:
         gave_up: bool,
     ) -> None:
         headers = resp.headers
-        keep_alive = req.keep_alive and (req.source is None or req.source.done)
+        keep_alive = conn.keeps_alive(req)
         if gave_up and verdict.retryable:
             if (
                 verdict.outcome is Outcome.GATEWAY_ERROR
@@ -562,6 +573,10 @@ class Forwarder:
             ),
         )
         status = resp.status
+        if not resp.complete and resp.content_length is None and not req.http11:
+            keep_alive = False  # HTTP/1.0 knows no chunking: the end of the body is the close
+        if not keep_alive:
+            head += b"Connection: close\r\n"
         if req.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
             if resp.content_length is not None and status != 204:
                 head += b"Content-Length: %d\r\n" % resp.content_length
@@ -579,6 +594,9 @@ class Forwarder:
         if resp.content_length is not None:
             conn.start_stream(head + b"Content-Length: %d\r\n\r\n" % resp.content_length)
             sink = _StreamSink(conn, chunked=False, keep_alive=keep_alive)
+        elif not req.http11:
+            conn.start_stream(head + b"\r\n")
+            sink = _StreamSink(conn, chunked=False, keep_alive=False)
         else:
             conn.start_stream(head + b"Transfer-Encoding: chunked\r\n\r\n")
             sink = _StreamSink(conn, chunked=True, keep_alive=keep_alive)
@@ -619,7 +637,13 @@ class Forwarder:
         injected: bytes | None,
         gave_up: bool,
     ) -> int:
-        if verdict.outcome is Outcome.TIMEOUT:
+        type_ = "api_error"
+        keep_alive = conn.keeps_alive(req)
+        if error.caused_by_client:
+            status, code, type_ = 408, "body_timeout", "invalid_request_error"
+            message = "The request body did not arrive in time (or the client stopped sending it)."
+            gave_up = False
+        elif verdict.outcome is Outcome.TIMEOUT:
             status, code = 504, "upstream_timeout"
             message = f"Stripe did not answer in time ({attempts} attempt(s))."
         else:
@@ -629,8 +653,8 @@ class Forwarder:
         if gave_up:
             extra += b"Stripe-Should-Retry: false\r\n"
         conn.finish(
-            error_response(status, code, message, extra=extra, close=not req.keep_alive),
-            keep_alive=req.keep_alive and (req.source is None or req.source.done),
+            error_response(status, code, message, type_=type_, extra=extra, close=not keep_alive),
+            keep_alive=keep_alive,
         )
         return status
 
@@ -668,7 +692,7 @@ class Forwarder:
         extra = b"Retry-After: %d\r\nStripe-Should-Retry: false\r\n" % max(1, math.ceil(wait))
         if self._sidecar_headers:
             extra += b"Sidecar-Attempts: 0\r\nSidecar-Outcome: %s\r\n" % reason.encode()
-        keep_alive = req.keep_alive and (req.source is None or req.source.done)
+        keep_alive = conn.keeps_alive(req)
         conn.finish(
             error_response(status, reason, message, type_=type_, extra=extra, close=not keep_alive),
             keep_alive=keep_alive,

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
 
 import httptools
 
-from proxy.errors import error_body
+from proxy.errors import ClientGone, error_body
 
 __all__ = ["ClientConnection", "Handler", "Request", "Server", "error_response"]
 
@@ -68,6 +68,9 @@ _PASS_EXACT = frozenset(
         b"Accept-Encoding",
     }
 )
+# Never dropped even if a Connection header names them: Stripe needs them, and a POST that lost
+# its Idempotency-Key here would be retried without one.
+_END_TO_END = frozenset({b"idempotency-key", b"authorization", b"content-type"})
 _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b""})
 _API_PREFIXES = ("/v1/", "/v2/", "/oauth/")
 # Dot segments (raw or percent-encoded), encoded slashes/backslashes, NUL, backslash: a target
@@ -106,6 +109,7 @@ class Request:
         "content_length",
         "expect_continue",
         "head",
+        "http11",
         "idempotency_key",
         "keep_alive",
         "method",
@@ -125,6 +129,7 @@ class Request:
         self.chunked = False
         self.expect_continue = False
         self.keep_alive = True
+        self.http11 = True
         self.idempotency_key: bytes | None = None
         self.authorization: bytes | None = None
 
@@ -167,21 +172,23 @@ class BodyStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        while True:
-            while self._parts:
-                chunk = self._parts.popleft()
-                self._size -= len(chunk)
-                if self._size <= self._HIGH // 2:
-                    self._conn.resume_reading()
-                yield chunk
+    async def read(self) -> bytes:
+        """The next piece; ``b""`` at the end. Raises ClientGone if the client went away.
+
+        Safe to cancel (the pipeline races it against the upstream's answer).
+        """
+        while not self._parts:
             if self._done:
                 if self._failed:
-                    raise ConnectionResetError("client went away mid-body")
-                return
-            self._waiter = loop.create_future()
+                    raise ClientGone("the client went away before sending its whole body")
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+        chunk = self._parts.popleft()
+        self._size -= len(chunk)
+        if self._size <= self._HIGH // 2:
+            self._conn.resume_reading()
+        return chunk
 
 
 class Handler(Protocol):
@@ -306,6 +313,7 @@ class ClientConnection(asyncio.Protocol):
         self._body_parts: list[bytes] = []
         self._hop_names: set[bytes] = set()
         self._queue: collections.deque[Request] = collections.deque()
+        self._pending_refusal: bytes | None = None
         # One deadline per connection, checked by the server's sweeper: cheaper than a timer
         # handle created and cancelled for every request.
         self.deadline = 0.0  # loop time; 0 = none
@@ -448,9 +456,11 @@ class ClientConnection(asyncio.Protocol):
                 tokens = {t.strip() for t in value.lower().split(b",")} - _CONNECTION_OPTIONS
                 if tokens:
                     # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-                    self._hop_names |= tokens
+                    self._hop_names |= tokens - _END_TO_END
             return
         if lname == b"idempotency-key":
+            if not value.strip():
+                return  # an empty key is no key: dropped, so the sidecar injects a real one
             req.idempotency_key = value
         elif lname == b"authorization":
             req.authorization = value
@@ -463,6 +473,7 @@ class ClientConnection(asyncio.Protocol):
         parser = self._parser
         req.method = parser.get_method().decode("ascii")
         req.keep_alive = parser.should_keep_alive()
+        req.http11 = parser.get_http_version() != "1.0"
         if req.chunked and req.content_length is not None:
             raise _Reject(self._framing("both Content-Length and Transfer-Encoding"))
         if self._hop_names:
@@ -534,9 +545,7 @@ class ClientConnection(asyncio.Protocol):
         if req.chunked or (length is not None and length > server.max_buffered_body):
             # Too large (or of unknown size) to hold for a retry: forward while it arrives.
             req.source = BodyStream(self, req.chunked)
-            if req.expect_continue and not self.busy:
-                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self._enqueue(req)
+            self._enqueue(req)  # _start sends 100 Continue when it is this request's turn
         elif req.expect_continue and not self.busy and length:
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -582,6 +591,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, req: Request) -> None:
         self.busy = True
+        if req.source is not None and not req.source.done:
+            # Queued behind another request while reading was paused: read its body now.
+            if req.expect_continue:
+                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.resume_reading()
         if req.path in self._server.operator_paths:
             answer = self._server.handler.operator(req, req.path)
             if answer is not None:
@@ -593,6 +607,18 @@ class ClientConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def keeps_alive(self, req: Request) -> bool:
+        """Whether this connection will carry another request after answering ``req``.
+
+        Decided before the answer's head is written, so a closing answer says so.
+        """
+        return (
+            req.keep_alive
+            and not self._server.draining
+            and not self.closed
+            and (req.source is None or req.source.done)
+        )
 
     def finish(self, data: bytes, *, keep_alive: bool) -> None:
         """Write a complete answer and move on to the next request (or close)."""
@@ -635,6 +661,11 @@ class ClientConnection(asyncio.Protocol):
         if self._queue:
             self._start(self._queue.popleft())
             return
+        if self._pending_refusal is not None:
+            if self.transport is not None:
+                self.transport.write(self._pending_refusal)
+            self.close()
+            return
         self.resume_reading()
         if self._req is None:
             self.deadline = self._loop.time() + self._server.idle_timeout
@@ -650,7 +681,14 @@ class ClientConnection(asyncio.Protocol):
     def _refuse(self, answer: bytes) -> None:
         self.deadline = 0.0
         self._queue.clear()
-        self._req = None
+        req, self._req = self._req, None
+        if req is not None and req.source is not None:
+            req.source.finish(failed=True)  # the pipeline sending this body must stop too
+        if self.busy and req is not None and req.source is None:
+            # A request pipelined behind one in progress: answer it after that one's answer.
+            self._pending_refusal = answer
+            self.pause_reading()
+            return
         if self.transport is not None and not self.busy:
             self.transport.write(answer)
         self.close()

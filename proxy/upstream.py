@@ -12,7 +12,7 @@ import asyncio
 import collections
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import urlsplit
@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.classify import TransportError
-from proxy.errors import UpstreamError
+from proxy.errors import ClientGone, UpstreamError
 
 __all__ = ["Connection", "Origin", "Pool", "Response", "Sink", "UpstreamError"]
 
@@ -146,8 +146,8 @@ class BodySource(Protocol):
 
     chunked: bool
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        """Yield the body's pieces in order."""
+    async def read(self) -> bytes:
+        """The next piece, ``b""`` at the end; raises ClientGone if the client went away."""
         ...
 
 
@@ -166,6 +166,9 @@ class Connection(asyncio.Protocol):
         self._head_request = False
         self._chunked = False
         self._reset_parser = False
+        self._reading_paused = False
+        self._sending = False  # a streamed request body is still being sent
+        self._release_pending = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self.closed = False
@@ -199,7 +202,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self._transport = None
         if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(ConnectionResetError("upstream closed"))
+            self._drain_waiter.set_result(None)  # the sender sees the failure through its waiter
         self._fail(TransportError.RESET, "upstream closed the connection")
 
     def pause_writing(self) -> None:
@@ -275,6 +278,8 @@ class Connection(asyncio.Protocol):
                 waiter.set_result(resp)
 
     def on_message_complete(self) -> None:
+        if self._resp is None:
+            return  # a HEAD answer already finished at its head (and llhttp saw no body)
         if self._resp is not None and 100 <= self._parser.get_status_code() < 200:
             return
         if self._reset_parser:
@@ -304,12 +309,18 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     def _release(self) -> None:
+        if self._sending:
+            # The answer came before the request body was all sent: the connection goes back
+            # to the pool only if send_streaming gets the body out, else it is closed.
+            self._release_pending = True
+            return
         if self.keep_alive and not self.closed:
+            self.resume_reading()  # a slow client may have paused it
             self._pool.release(self)
         else:
             self.abort()
 
-    def _fail(self, kind: TransportError, message: str) -> None:
+    def _fail(self, kind: TransportError, message: str, *, caused_by_client: bool = False) -> None:
         resp = self._resp
         started = resp is not None and resp.status != 0
         if resp is not None:
@@ -319,7 +330,11 @@ class Connection(asyncio.Protocol):
         sink, self._sink = self._sink, None
         self.abort()
         if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamError(kind, message, response_started=started))
+            waiter.set_exception(
+                UpstreamError(
+                    kind, message, response_started=started, caused_by_client=caused_by_client
+                )
+            )
         if sink is not None:
             sink.fail()
 
@@ -341,12 +356,14 @@ class Connection(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         """Backpressure from the client side: stop reading the upstream for now."""
-        if self._transport is not None:
+        if self._transport is not None and not self._reading_paused:
+            self._reading_paused = True
             self._transport.pause_reading()
 
     def resume_reading(self) -> None:
         """The client side drained: read the upstream again."""
-        if self._transport is not None:
+        if self._transport is not None and self._reading_paused:
+            self._reading_paused = False
             self._transport.resume_reading()
 
     def send(self, head: bytes, body: bytes | None, head_request: bool) -> asyncio.Future[Response]:
@@ -365,7 +382,12 @@ class Connection(asyncio.Protocol):
         return waiter
 
     async def send_streaming(self, head: bytes, source: BodySource, head_request: bool) -> Response:
-        """Write a request whose body is still arriving, with backpressure to the client."""
+        """Write a request whose body is still arriving, with backpressure both ways.
+
+        Each read of the body races the upstream's answer: an early answer (or the attempt's
+        deadline) stops the sending at once. The connection is pooled afterwards only if the
+        whole body went out.
+        """
         assert self._transport is not None
         self._resp = Response()
         self._buffered = 0
@@ -373,25 +395,49 @@ class Connection(asyncio.Protocol):
         self._head_request = head_request
         waiter: asyncio.Future[Response] = self._loop.create_future()
         self._waiter = waiter
-        transport = self._transport
-        transport.write(head)
+        self._transport.write(head)
+        self._sending = True
+        body_sent = False
+        reading: asyncio.Future[bytes] | None = None
         try:
-            async for chunk in source:
-                if waiter.done():
-                    break  # answered early (e.g. 413): stop sending
+            while not waiter.done():
+                reading = asyncio.ensure_future(source.read())
+                await asyncio.wait((reading, waiter), return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    break  # answered, failed or timed out before the body was all sent
+                chunk = reading.result()
+                reading = None
+                transport = self._transport
+                if transport is None:
+                    break
+                if not chunk:
+                    if source.chunked:
+                        transport.write(b"0\r\n\r\n")
+                    body_sent = True
+                    break
                 if source.chunked:
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 else:
                     transport.write(chunk)
                 if self._write_paused:
-                    self._drain_waiter = self._loop.create_future()
-                    await self._drain_waiter
-            else:
-                if source.chunked and not waiter.done():
-                    transport.write(b"0\r\n\r\n")
-        except (ConnectionError, RuntimeError, AttributeError) as exc:
-            if not waiter.done():
-                self._fail(TransportError.RESET, f"request body could not be sent: {exc}")
+                    drain = self._drain_waiter = self._loop.create_future()
+                    await asyncio.wait((drain, waiter), return_when=asyncio.FIRST_COMPLETED)
+        except ClientGone as exc:
+            self._fail(TransportError.RESET, str(exc), caused_by_client=True)
+        finally:
+            if reading is not None and not reading.done():
+                reading.cancel()
+                # The client's body stalled while the upstream failed or timed out.
+                failure = waiter.exception() if waiter.done() else None
+                if isinstance(failure, UpstreamError):
+                    failure.caused_by_client = True
+            self._sending = False
+            if self._release_pending:
+                self._release_pending = False
+                if body_sent:
+                    self._release()
+                else:
+                    self.abort()  # the rest of the body would be read as the next request
         return await waiter
 
 

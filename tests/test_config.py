@@ -102,6 +102,13 @@ def test_operation_limits_are_read_and_checked():
     assert "unknown key: operations.POST /v1/files.limits.max_inflight (did you mean max_in_flight?)" in text
 
 
+def test_replay_body_cap_is_not_per_operation():
+    """max_replay_body is decided at the door, before the operation is known: global only."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"operations": {"POST /v1/files": {"retry": {"max_replay_body": 10}}}})
+    assert info.value.problems == ["operations.POST /v1/files.retry.max_replay_body: set it for all operations, in retry"]
+
+
 def test_bad_operation_override_names_its_path():
     """Problems inside an operation override carry the full key path."""
     with pytest.raises(ConfigError) as info:

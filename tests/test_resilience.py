@@ -457,3 +457,15 @@ async def test_final_html_gateway_page_becomes_a_stripe_shaped_error(raw_upstrea
     assert a.header("Sidecar-Attempts") == b"2"
     assert a.header("Idempotency-Key") == up.received[0].header("Idempotency-Key")
     assert len(up.received) == 2
+
+
+async def test_empty_idempotency_key_is_replaced_by_a_real_one(raw_upstream, make_sidecar):
+    """An empty Idempotency-Key header counts as none: the POST gets a real key before any retry."""
+    up = await raw_upstream(script(HTML_503, OK))
+    sc = await make_sidecar(up.url, sleep=Sleeps())
+    raw = POST.replace(b"Host: x\r\n", b"Host: x\r\nIdempotency-Key: \r\n")
+    answers, _ = await exchange(sc.port, raw)
+    assert answers[0].status == 200
+    keys = [r.header("Idempotency-Key") for r in up.received]
+    assert len(keys) == 2 and keys[0] == keys[1] and keys[0] and keys[0].startswith(b"sidecar-")
+    assert all(sum(1 for n, _ in r.headers if n.lower() == b"idempotency-key") == 1 for r in up.received)
