@@ -215,7 +215,8 @@ class Forwarder:
         now = self._loop.time()
         for conn in [c for c in self._armed if c.deadline <= now]:
             self._armed.discard(conn)
-            conn.on_timeout()
+            if conn.deadline:  # 0: its exchange ended meanwhile
+                conn.on_timeout()
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
     def close(self) -> None:
@@ -601,6 +602,13 @@ class Forwarder:
             conn.start_stream(head + b"Transfer-Encoding: chunked\r\n\r\n")
             sink = _StreamSink(conn, chunked=True, keep_alive=keep_alive)
         conn.set_streaming(resp)
+        upstream = resp.conn
+        if upstream is not None and not resp.complete:
+            # A streamed answer that goes silent for an attempt timeout is cut off, so neither
+            # side waits forever; each chunk moves the deadline on.
+            upstream.stream_idle = self.config.retry.attempt_timeout
+            upstream.deadline = self._loop.time() + upstream.stream_idle
+            self._armed.add(upstream)
         resp.stream(sink)
 
     def _answer_gateway_page(

@@ -175,6 +175,7 @@ class Connection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self.deadline = 0.0  # loop time by which the current attempt must be answered
+        self.stream_idle = 0.0  # while streaming an answer: the longest silence allowed
         self.keep_alive = True
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -263,6 +264,8 @@ class Connection(asyncio.Protocol):
     def on_body(self, chunk: bytes) -> None:
         sink = self._sink
         if sink is not None:
+            if self.deadline:
+                self.deadline = self._loop.time() + self.stream_idle  # a byte came: not stuck
             sink.body(chunk)
             return
         resp = self._resp
@@ -288,6 +291,7 @@ class Connection(asyncio.Protocol):
 
     # -- the exchange -------------------------------------------------------------------------
     def _finish(self) -> None:
+        self.deadline = 0.0
         resp, self._resp = self._resp, None
         sink, self._sink = self._sink, None
         if resp is not None:
@@ -321,6 +325,7 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     def _fail(self, kind: TransportError, message: str, *, caused_by_client: bool = False) -> None:
+        self.deadline = 0.0
         resp = self._resp
         started = resp is not None and resp.status != 0
         if resp is not None:
