@@ -139,3 +139,13 @@ def json_answer(status: int, body: bytes, *extra: bytes, reason: bytes = b"OK") 
         head,
         body,
     )
+
+
+def held(release: asyncio.Event, answer: bytes) -> Callable[[asyncio.Transport], Awaitable[None]]:
+    """An answer written only once ``release`` is set (a request kept in flight on purpose)."""
+
+    async def write_when_released(transport: asyncio.Transport) -> None:
+        await release.wait()
+        transport.write(answer)
+
+    return write_when_released

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import httptools
 from rawclient import exchange, open_raw
-from rawupstream import Received, json_answer
+from rawupstream import Received, held, json_answer
 
 OK = json_answer(200, b'{"id":"cus_1","object":"customer"}', b"Request-Id: req_ok")
 HTML_503 = (
@@ -123,9 +123,7 @@ async def test_pipelined_chunked_upload_behind_a_slow_request_completes(raw_upst
     """A chunked upload pipelined behind a slow request gets its body read and is answered."""
     release = asyncio.Event()
 
-    async def slow(transport: asyncio.Transport) -> None:
-        await release.wait()
-        transport.write(OK)
+    slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow if r.method == "GET" else OK)
     sc = await make_sidecar(up.url, retry={"attempt_timeout": 1.0, "max_replay_body": 100})
@@ -251,9 +249,7 @@ async def test_full_compartment_does_not_block_other_operations(raw_upstream, ma
     """A request queued for one operation's full compartment does not make other operations wait or fail."""
     release = asyncio.Event()
 
-    async def slow(transport: asyncio.Transport) -> None:
-        await release.wait()
-        transport.write(OK)
+    slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow if r.target.startswith(b"/v1/customers") else OK)
     sc = await make_sidecar(
@@ -416,9 +412,7 @@ async def test_requests_refused_by_the_bulkhead_give_their_rate_token_back(raw_u
     """A request shed by the bulkhead (never sent) does not use up the rate limit of later requests."""
     release = asyncio.Event()
 
-    async def slow(transport: asyncio.Transport) -> None:
-        await release.wait()
-        transport.write(OK)
+    slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow if r.target.startswith(b"/v1/customers") else OK)
     sc = await make_sidecar(
@@ -444,9 +438,7 @@ async def test_answer_finished_during_drain_says_connection_close(raw_upstream, 
     """An in-flight request finished while draining gets its answer with Connection: close."""
     release = asyncio.Event()
 
-    async def slow(transport: asyncio.Transport) -> None:
-        await release.wait()
-        transport.write(OK)
+    slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow)
     sc = await make_sidecar(up.url)

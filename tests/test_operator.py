@@ -13,7 +13,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 from rawclient import exchange, open_raw
-from rawupstream import json_answer
+from rawupstream import held, json_answer
 
 from proxy import __version__
 
@@ -83,9 +83,7 @@ async def test_in_flight_gauge_counts_requests_being_handled(raw_upstream, make_
     """While an upstream answer is pending, the in-flight gauge reads 1."""
     release = asyncio.Event()
 
-    async def slow(transport: asyncio.Transport) -> None:
-        await release.wait()
-        transport.write(OK)
+    slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow)
     sc = await make_sidecar(up.url)
@@ -132,9 +130,7 @@ async def test_sigterm_finishes_in_flight_requests_then_exits_0(raw_upstream):
     """`stripe-sidecar serve` drains on SIGTERM: the in-flight request completes, exit status 0."""
     release = asyncio.Event()
 
-    async def slow(transport: asyncio.Transport) -> None:
-        await release.wait()
-        transport.write(OK)
+    slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow)
     port = _free_port()

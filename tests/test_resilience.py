@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from rawclient import exchange
-from rawupstream import Received, json_answer
+from rawupstream import Received, held, json_answer
 
 OK = json_answer(200, b'{"id":"pi_1","object":"payment_intent"}', b"Request-Id: req_ok")
 HTML_503 = (
@@ -345,9 +345,7 @@ async def test_bulkhead_bounds_requests_in_flight(raw_upstream, make_sidecar):
     """With one slot, a second concurrent request waits max_wait then gets 503 sidecar_bulkhead_full."""
     release = asyncio.Event()
 
-    async def slow(transport: asyncio.Transport) -> None:
-        await release.wait()
-        transport.write(OK)
+    slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow)
     sc = await make_sidecar(up.url, bulkhead={"max_in_flight": 1, "max_wait": 0.05})
@@ -419,9 +417,7 @@ async def test_operation_max_in_flight_bounds_that_operation(raw_upstream, make_
     """An operation's own max_in_flight refuses its excess while other operations still flow."""
     release = asyncio.Event()
 
-    async def slow(transport: asyncio.Transport) -> None:
-        await release.wait()
-        transport.write(OK)
+    slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow if r.target.startswith(b"/v1/customers") else OK)
     sc = await make_sidecar(
