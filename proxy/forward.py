@@ -233,6 +233,7 @@ class Forwarder:
         op = self._ops.get(name) or self._op(name, host)
         metrics = self.metrics
         metrics.in_flight += 1
+        held = False  # breaker permits taken and not yet recorded or released
         try:
             settings = op.retry
             method = req.method
@@ -243,6 +244,7 @@ class Forwarder:
             if refusal is not None:
                 self._answer_refusal(req, conn, op, start, refusal)
                 return
+            held = True
             # The bulkhead before the limiter: a request it turns away takes no rate token.
             bulkhead = self.bulkhead
             if (
@@ -251,6 +253,7 @@ class Forwarder:
                 and not await bulkhead.enter(op.compartment)
             ):
                 self._release_breakers(op)
+                held = False
                 self._answer_refusal(req, conn, op, start, "bulkhead_full")
                 return
             limiter = self.limiter
@@ -260,6 +263,7 @@ class Forwarder:
                     if bulkhead is not None:
                         bulkhead.leave(op.compartment)
                     self._release_breakers(op)
+                    held = False
                     self._answer_refusal(req, conn, op, start, "rate_limited")
                     return
                 if wait > 0:
@@ -336,6 +340,7 @@ class Forwarder:
                         if exc.caused_by_client:
                             # The client stalled or left mid-body: nothing to learn about Stripe.
                             self._release_breakers(op)
+                            held = False
                             break
                     duration = self._clock() - t0
                     op.metrics.attempt(verdict.outcome, duration)
@@ -344,6 +349,7 @@ class Forwarder:
                         op.breaker.record(failure, duration, op.name)
                     if self._host_breaker_on:
                         self.host_breaker.record(failure, duration, op.name)
+                    held = False
                     if verdict.outcome is Outcome.RATE_LIMITED and limiter is not None:
                         limiter.on_rate_limited(op.name, resp.rate_limited_reason if resp else None)
                     if verdict.outcome is Outcome.SUCCESS or not verdict.retryable:
@@ -376,10 +382,12 @@ class Forwarder:
                         break
                     if self._admit_breakers(op) is not None:
                         break  # the breaker opened meanwhile: answer with what we have
+                    held = True
                     if limiter is not None:
                         wait = limiter.reserve(op.name)
                         if wait is None:
                             self._release_breakers(op)
+                            held = False
                             break
                         delay = max(delay, wait)
                     op.metrics.retry(verdict.outcome)
@@ -423,6 +431,8 @@ class Forwarder:
                     injected is not None,
                 )
         except Exception as exc:  # a bug must cost one request, never the connection loop
+            if held:
+                self._release_breakers(op)  # or a half-open probe slot stays taken
             self.log.event("internal_error", "error", operation=op.name, error=repr(exc))
             conn.finish(
                 error_response(

@@ -465,3 +465,33 @@ async def test_empty_idempotency_key_is_replaced_by_a_real_one(raw_upstream, mak
     keys = [r.header("Idempotency-Key") for r in up.received]
     assert len(keys) == 2 and keys[0] == keys[1] and keys[0] and keys[0].startswith(b"sidecar-")
     assert all(sum(1 for n, _ in r.headers if n.lower() == b"idempotency-key") == 1 for r in up.received)
+
+
+async def test_an_internal_error_gives_its_half_open_probe_back(raw_upstream, make_sidecar):
+    """A bug that costs a half-open probe its answer must not keep the breaker from probing again."""
+    healthy = False
+    up = await raw_upstream(lambda r: OK if healthy else HTML_503)
+    sc = await make_sidecar(
+        up.url,
+        sleep=Sleeps(),
+        retry={"max_attempts": 1},
+        breaker={"consecutive_failures": 1, "open_duration": 0.05, "open_duration_max": 0.05, "half_open_probes": 1},
+    )
+    await exchange(sc.port, GET)  # opens the breaker
+    breaker = sc.forwarder.breakers()["GET /v1/customers/{id}"]
+    deadline = time.monotonic() + 5
+    while breaker.retry_after() > 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    healthy = True
+    real_attempt = sc.forwarder._attempt
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the attempt path")
+
+    sc.forwarder._attempt = broken
+    answers, _ = await exchange(sc.port, GET)  # the probe: the bug answers 500
+    assert answers[0].json()["error"]["code"] == "sidecar_internal_error"
+    sc.forwarder._attempt = real_attempt
+    answers, _ = await exchange(sc.port, GET)  # the slot came back: a new probe goes through
+    assert answers[0].status == 200
