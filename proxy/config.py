@@ -22,7 +22,7 @@ from proxy.breaker import BreakerSettings
 from proxy.errors import ConfigError
 from proxy.ratelimit import RateLimitSettings
 from proxy.retry import RetrySettings
-from proxy.routes import DEFAULT_ROUTES, HostRoute
+from proxy.routes import DEFAULT_ROUTES, HostRoute, operation_table
 from proxy.upstream import Origin
 
 __all__ = [
@@ -300,6 +300,10 @@ def _routes(value: Any, where: str, problems: list[str]) -> tuple[HostRoute, ...
             problems.append(f"{at}.method: {method!r} is not an HTTP method or '*'")
         if not isinstance(prefix, str) or not prefix.startswith("/"):
             problems.append(f"{at}.prefix: {prefix!r} must start with '/'")
+        elif not operation_table().prefix_matches(prefix):
+            hint = operation_table().suggest(f"{method if method != '*' else 'GET'} {prefix}")
+            suffix = f" (did you mean {hint.partition(' ')[2]}?)" if hint else ""
+            problems.append(f"{at}.prefix: {prefix!r} starts no Stripe operation{suffix}")
         routes.append(HostRoute(str(method), str(prefix), str(host)))
     return tuple(routes)
 
@@ -315,6 +319,10 @@ def _operations(value: Any, where: str, problems: list[str]) -> Mapping[str, Any
         method, _, path = str(op).partition(" ")
         if method not in _METHODS or not path.startswith("/"):
             problems.append(f"{at}: operation must look like 'POST /v1/payment_intents'")
+        elif not operation_table().accepts(str(op)):
+            hint = operation_table().suggest(str(op))
+            suffix = f" (did you mean {hint}?)" if hint else ""
+            problems.append(f"{at}: not a Stripe operation{suffix}")
         if not isinstance(body, dict):
             problems.append(f"{at}: expected a mapping with retry, breaker and/or limits")
             continue

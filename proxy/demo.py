@@ -350,7 +350,7 @@ def render(comparison: Comparison) -> str:
 # -- the outage phase: pure part ------------------------------------------------------------------
 CIRCUIT_OPEN: Final = "sidecar_circuit_open"
 # The app's mixed traffic in the outage phase: a write and two reads, in turn.
-OUTAGE_OPERATIONS: Final = (OPERATION, "GET /v1/balance", "GET /v1/customers/{id}")
+OUTAGE_OPERATIONS: Final = (OPERATION, "GET /v1/balance", "GET /v1/customers/{customer}")
 # The targets the phase is measured against.
 OUTAGE_SHARE_TARGET: Final = 0.15  # Stripe requests per client request during the outage
 OPEN_SHARE_TARGET: Final = 0.05  # the same, once the breaker has opened
@@ -743,7 +743,7 @@ async def _call(session: aiohttp.ClientSession, base_url: str, operation: str, c
             payment = Payment(ref=ref, amount=2000, payment_method="pm_card_visa")
             request = session.post(base_url + PATH, data=payment.form())
         else:
-            path = operation.split(" ", 1)[1].replace("{id}", customer)
+            path = operation.split(" ", 1)[1].replace("{customer}", customer)
             request = session.get(base_url + path)
         async with request as resp:
             status, body = resp.status, await resp.read()
@@ -753,7 +753,7 @@ async def _call(session: aiohttp.ClientSession, base_url: str, operation: str, c
 
 
 async def _create_customer(session: aiohttp.ClientSession, base_url: str) -> str:
-    """The customer the phase's ``GET /v1/customers/{id}`` reads, made before traffic starts."""
+    """The customer read by the phase's ``GET /v1/customers/{customer}``, made before traffic."""
     async with session.post(base_url + "/v1/customers", data={"email": "demo@example.com"}) as resp:
         resp.raise_for_status()
         customer: Any = await resp.json()

@@ -156,3 +156,26 @@ def test_config_objects_are_frozen():
     config = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.retry.max_attempts = 9  # type: ignore[misc]
+
+
+def test_operation_keys_must_be_stripe_operations_or_fold_names():
+    """An old-style or mistyped operation key is refused with Stripe's name for it; fold names pass."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"operations": {"GET /v1/customers/{id}": {}, "POST /v1/paymnt_intents": {}}})
+    assert info.value.problems == [
+        "operations.GET /v1/customers/{id}: not a Stripe operation (did you mean GET /v1/customers/{customer}?)",
+        "operations.POST /v1/paymnt_intents: not a Stripe operation (did you mean POST /v1/payment_intents?)",
+    ]
+    config = config_from_dict({"operations": {"POST /v1/customers/{customer}/*": {"retry": {"max_attempts": 1}}}})
+    assert config.for_operation("POST /v1/customers/{customer}/*").retry.max_attempts == 1
+
+
+def test_route_prefix_must_start_some_operation():
+    """A route prefix spelled with old `{id}` names would never match: refused, with the right name."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"upstream": {"routes": [{"method": "GET", "prefix": "/v1/files/{id}/contents", "host": "files"}]}})
+    assert info.value.problems == [
+        "upstream.routes[0].prefix: '/v1/files/{id}/contents' starts no Stripe operation (did you mean /v1/files/{file}/contents?)"
+    ]
+    config = config_from_dict({"upstream": {"routes": [{"method": "*", "prefix": "/v1/quotes/{quote}/", "host": "files"}]}})
+    assert config.upstream.routes[0].prefix == "/v1/quotes/{quote}/"

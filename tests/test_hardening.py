@@ -255,7 +255,7 @@ async def test_full_compartment_does_not_block_other_operations(raw_upstream, ma
     sc = await make_sidecar(
         up.url,
         bulkhead={"max_wait": 0.5},
-        operations={"GET /v1/customers/{id}": {"limits": {"max_in_flight": 1}}},
+        operations={"GET /v1/customers/{customer}": {"limits": {"max_in_flight": 1}}},
     )
     first = asyncio.create_task(exchange(sc.port, GET))
     await poll(lambda: len(up.received) == 1, what="the first GET upstream")

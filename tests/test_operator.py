@@ -70,13 +70,13 @@ async def test_metrics_use_operation_templates_never_ids(raw_upstream, make_side
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
     }
-    get_key = ("stripe_sidecar_requests_total", (("method", "GET"), ("operation", "GET /v1/customers/{id}"), ("outcome", "success"), ("status_class", "2xx")))
-    post_key = ("stripe_sidecar_requests_total", (("method", "POST"), ("operation", "POST /v1/customers/{id}"), ("outcome", "validation"), ("status_class", "4xx")))
+    get_key = ("stripe_sidecar_requests_total", (("method", "GET"), ("operation", "GET /v1/customers/{customer}"), ("outcome", "success"), ("status_class", "2xx")))
+    post_key = ("stripe_sidecar_requests_total", (("method", "POST"), ("operation", "POST /v1/customers/{customer}"), ("outcome", "validation"), ("status_class", "4xx")))
     assert samples[get_key] == 3
     assert samples[post_key] == 1
-    assert samples[("stripe_sidecar_upstream_attempt_duration_seconds_count", (("operation", "GET /v1/customers/{id}"),))] == 3
+    assert samples[("stripe_sidecar_upstream_attempt_duration_seconds_count", (("operation", "GET /v1/customers/{customer}"),))] == 3
     assert samples[("stripe_sidecar_in_flight_requests", ())] == 0
-    assert samples[("stripe_sidecar_idempotency_keys_injected_total", (("operation", "POST /v1/customers/{id}"),))] == 1
+    assert samples[("stripe_sidecar_idempotency_keys_injected_total", (("operation", "POST /v1/customers/{customer}"),))] == 1
 
 
 async def test_in_flight_gauge_counts_requests_being_handled(raw_upstream, make_sidecar):

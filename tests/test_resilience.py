@@ -231,8 +231,8 @@ async def test_breaker_opens_and_fails_fast(raw_upstream, make_sidecar):
     assert int(a.header("Retry-After")) >= 1
     assert a.header("Sidecar-Attempts") == b"0"
     assert len(up.received) == 5
-    assert sc.registry.get_sample_value("stripe_sidecar_breaker_state", {"scope": "GET /v1/customers/{id}"}) == 2
-    assert sc.registry.get_sample_value("stripe_sidecar_fail_fast_total", {"operation": "GET /v1/customers/{id}", "reason": "circuit_open"}) == 1
+    assert sc.registry.get_sample_value("stripe_sidecar_breaker_state", {"scope": "GET /v1/customers/{customer}"}) == 2
+    assert sc.registry.get_sample_value("stripe_sidecar_fail_fast_total", {"operation": "GET /v1/customers/{customer}", "reason": "circuit_open"}) == 1
     # Another operation still flows: one bad endpoint does not take the host down.
     answers, _ = await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answers[0].json()["error"]["code"] == "sidecar_upstream_gateway_error"
@@ -263,8 +263,8 @@ async def test_breaker_heals_through_half_open_probes(raw_upstream, make_sidecar
         await asyncio.sleep(0.02)
     answers, _ = await exchange(sc.port, GET)
     assert answers[0].status == 200
-    assert sc.registry.get_sample_value("stripe_sidecar_breaker_state", {"scope": "GET /v1/customers/{id}"}) == 0
-    assert sc.registry.get_sample_value("stripe_sidecar_breaker_transitions_total", {"scope": "GET /v1/customers/{id}", "state": "closed"}) == 1
+    assert sc.registry.get_sample_value("stripe_sidecar_breaker_state", {"scope": "GET /v1/customers/{customer}"}) == 0
+    assert sc.registry.get_sample_value("stripe_sidecar_breaker_transitions_total", {"scope": "GET /v1/customers/{customer}", "state": "closed"}) == 1
 
 
 async def test_declines_rate_limits_and_client_errors_never_trip_a_breaker(raw_upstream, make_sidecar):
@@ -337,7 +337,7 @@ async def test_rate_limited_429_slows_the_limiter(raw_upstream, make_sidecar):
     answers, _ = await exchange(sc.port, GET)
     assert answers[0].status == 200
     rates = sc.forwarder.limiter.rates()
-    assert 20.0 <= rates["GET /v1/customers/{id}"] < 21.0
+    assert 20.0 <= rates["GET /v1/customers/{customer}"] < 21.0
     assert rates["global"] == 100.0
 
 
@@ -378,7 +378,7 @@ async def test_retry_budget_caps_retries(raw_upstream, make_sidecar):
     # 0.2/s over a 10 s window = 2 retries in all (both by the first request), then none:
     # the first request is refused a third retry, the other four their first.
     assert len(up.received) == 5 + 2
-    assert sc.registry.get_sample_value("stripe_sidecar_retry_budget_exhausted_total", {"operation": "GET /v1/customers/{id}"}) == 5
+    assert sc.registry.get_sample_value("stripe_sidecar_retry_budget_exhausted_total", {"operation": "GET /v1/customers/{customer}"}) == 5
 
 
 async def test_retries_off_is_a_transparent_proxy(raw_upstream, make_sidecar):
@@ -405,7 +405,7 @@ async def test_operation_limits_apply_to_that_operation_only(raw_upstream, make_
         up.url,
         sleep=Sleeps(),
         ratelimit={"enabled": True, "endpoint_rate": 100.0, "endpoint_burst": 100.0, "max_wait": 0.01},
-        operations={"GET /v1/customers/{id}": {"limits": {"endpoint_rate": 1.0, "endpoint_burst": 1.0}}},
+        operations={"GET /v1/customers/{customer}": {"limits": {"endpoint_rate": 1.0, "endpoint_burst": 1.0}}},
     )
     limited = [(await exchange(sc.port, GET))[0][0].status for _ in range(3)]
     others = [(await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n"))[0][0].status for _ in range(3)]
@@ -423,7 +423,7 @@ async def test_operation_max_in_flight_bounds_that_operation(raw_upstream, make_
     sc = await make_sidecar(
         up.url,
         bulkhead={"max_wait": 0.05},
-        operations={"GET /v1/customers/{id}": {"limits": {"max_in_flight": 1}}},
+        operations={"GET /v1/customers/{customer}": {"limits": {"max_in_flight": 1}}},
     )
     first = asyncio.create_task(exchange(sc.port, GET))
     deadline = time.monotonic() + 5
@@ -478,7 +478,7 @@ async def test_an_internal_error_gives_its_half_open_probe_back(raw_upstream, ma
         breaker={"consecutive_failures": 1, "open_duration": 0.05, "open_duration_max": 0.05, "half_open_probes": 1},
     )
     await exchange(sc.port, GET)  # opens the breaker
-    breaker = sc.forwarder.breakers()["GET /v1/customers/{id}"]
+    breaker = sc.forwarder.breakers()["GET /v1/customers/{customer}"]
     deadline = time.monotonic() + 5
     while breaker.retry_after() > 0:
         assert time.monotonic() < deadline

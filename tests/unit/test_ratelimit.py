@@ -173,8 +173,8 @@ def test_endpoint_buckets_are_created_lazily() -> None:
     """rates() lists only the endpoints seen so far."""
     limiter, _ = make()
     assert limiter.rates() == {"global": 100.0}
-    limiter.reserve("GET /v1/customers/{id}")
-    assert limiter.rates() == {"global": 100.0, "GET /v1/customers/{id}": 25.0}
+    limiter.reserve("GET /v1/customers/{customer}")
+    assert limiter.rates() == {"global": 100.0, "GET /v1/customers/{customer}": 25.0}
 
 
 def test_bad_settings_rejected() -> None:
