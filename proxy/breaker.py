@@ -158,6 +158,18 @@ class CircuitBreaker:
         self._last_probe_at = now
         return True
 
+    def would_admit(self) -> bool:
+        """Whether :meth:`try_acquire` would give a permit now; takes nothing, changes nothing."""
+        state = self._state
+        if state is _CLOSED:
+            return True
+        now = self._clock()
+        if state is _OPEN:
+            return now >= self._open_until  # it would turn half-open with every probe slot free
+        return self._probes_issued < self._probe_limit or (
+            self._probes_inflight > 0 and now - self._last_probe_at >= self.settings.probe_timeout
+        )
+
     def release(self) -> None:
         """Give back a permit whose call was never made (a half-open probe slot comes back)."""
         if self._state is _HALF_OPEN and self._probes_inflight > 0:

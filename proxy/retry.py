@@ -1,25 +1,35 @@
-"""Retry policy: whether to repeat an attempt, how long to wait, and the retry budget.
+"""Retry policy: what follows an attempt, how long to wait, and the retry budget.
 
-Pure: the clock and the random source are arguments, nothing sleeps. The I/O layer asks
-:func:`should_retry`, then :meth:`RetryBudget.try_acquire`, then waits :func:`retry_delay`.
+Pure: the clock and the random source are arguments, nothing sleeps. After every attempt the
+pipeline reads the shared state a retry would need into :class:`Gates` (without taking anything)
+and asks :func:`next_step`, which returns either a retry after a delay or the reason the answer
+just received is the final one. Only then does the pipeline take the budget, breaker and limiter
+permits the retry needs.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
+from typing import NamedTuple
 
 from proxy.classify import Outcome, Verdict
 from proxy.window import SecondBuckets
 
 __all__ = [
+    "REPEATABLE_METHODS",
+    "Gates",
+    "GiveUp",
     "RetryBudget",
     "RetrySettings",
+    "Step",
     "backoff_delay",
+    "next_step",
     "parse_retry_after",
     "retry_delay",
     "should_retry",
@@ -44,9 +54,10 @@ class RetrySettings:
     budget_window: float = 10.0
 
 
-# Methods Stripe lets us repeat without an idempotency key (keys have no effect on GET; DELETE is
-# idempotent in Stripe). Everything else (POST, PATCH, ...) needs the same key on every attempt.
-_REPEATABLE_METHODS = frozenset({"GET", "HEAD", "DELETE"})
+# Methods that may be repeated without an idempotency key: keys have no effect on GET, DELETE is
+# idempotent in Stripe, and HEAD and OPTIONS are safe (RFC 9110 9.2.1). Everything else (POST,
+# PATCH, ...) needs the same key on every attempt. The one definition the pipeline uses too.
+REPEATABLE_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
 # 2 ** 62 times any sane base is far past any cap; beyond that the float maths would overflow.
 _MAX_EXPONENT = 62
@@ -147,7 +158,101 @@ def should_retry(
         return False
     if not body_replayable:
         return False
-    return has_idempotency_key or not verdict.sent or method in _REPEATABLE_METHODS
+    return has_idempotency_key or not verdict.sent or method in REPEATABLE_METHODS
+
+
+class GiveUp(enum.StrEnum):
+    """Why the answer an attempt got is the final one; the value is the log and record label."""
+
+    ANSWERED = "answered"  # a success, or an answer that repeating cannot change
+    NOT_SAFE = "not_safe"  # retries off, or a request that may not be repeated (POST, no key)
+    BODY_GONE = "body_gone"  # the request body was streamed, or the answer already streams
+    ATTEMPTS = "attempts"  # max_attempts reached
+    DEADLINE = "deadline"  # the overall deadline has passed, or would during the backoff
+    CLIENT_GONE = "client_gone"  # nobody is waiting for the answer any more
+    BUDGET = "budget"  # the retry budget is spent
+    RATE_LIMITED = "rate_limited"  # the limiter would make the retry wait too long
+    BREAKER_OPEN = "breaker_open"  # a breaker opened since the attempt started
+
+
+@dataclass(frozen=True, slots=True)
+class Gates:
+    """The shared state a retry needs, read just before deciding (nothing is taken yet)."""
+
+    client_connected: bool = True
+    budget_available: bool = True
+    breakers_admit: bool = True
+    limiter_wait: float | None = 0.0  # seconds until a rate token; None: the limiter refuses
+
+
+_OPEN_GATES = Gates()
+
+
+class Step(NamedTuple):
+    """What follows an attempt: a retry after ``delay`` (``give_up`` None), or the answer."""
+
+    give_up: GiveUp | None
+    delay: float
+    # The final answer tells SDKs not to retry on top (``Stripe-Should-Retry: false``): the
+    # sidecar retried, or could have and chose not to.
+    settled: bool
+
+
+def next_step(
+    verdict: Verdict,
+    *,
+    attempt: int,
+    elapsed: float,
+    method: str,
+    has_idempotency_key: bool,
+    body_held: bool,
+    answer_held: bool,
+    retry_after: float | None,
+    settings: RetrySettings,
+    gates: Gates = _OPEN_GATES,
+    rand: Callable[[], float],
+) -> Step:
+    """Decide what follows attempt number ``attempt`` (1 = the first).
+
+    ``elapsed`` is the time since the request arrived; ``body_held`` says the request body is
+    held (not streamed) so it can be sent again; ``answer_held`` that the answer was read whole
+    (not handed over for streaming); ``retry_after`` is Stripe's ``Retry-After`` in seconds.
+    Checks, in order: the verdict, the request's safety to repeat, attempts and deadline left,
+    then the shared gates (client, budget, limiter), the deadline after the backoff, and the
+    breakers.
+    """
+    if not verdict.retryable:
+        return Step(GiveUp.ANSWERED, 0.0, False)
+    could = settings.enabled and body_held and (
+        has_idempotency_key or method in REPEATABLE_METHODS
+    )
+    settled = attempt > 1 or could
+    if not (
+        settings.enabled
+        and (has_idempotency_key or not verdict.sent or method in REPEATABLE_METHODS)
+    ):
+        return Step(GiveUp.NOT_SAFE, 0.0, settled)
+    if not (body_held and answer_held):
+        return Step(GiveUp.BODY_GONE, 0.0, settled)
+    if attempt >= settings.max_attempts:
+        return Step(GiveUp.ATTEMPTS, 0.0, settled)
+    if elapsed >= settings.deadline:
+        return Step(GiveUp.DEADLINE, 0.0, settled)
+    if not gates.client_connected:
+        return Step(GiveUp.CLIENT_GONE, 0.0, True)
+    if not gates.budget_available:
+        return Step(GiveUp.BUDGET, 0.0, True)
+    wait = gates.limiter_wait
+    if wait is None:
+        return Step(GiveUp.RATE_LIMITED, 0.0, True)
+    delay = retry_delay(verdict, attempt, retry_after, settings, rand)
+    if wait > delay:
+        delay = wait
+    if elapsed + delay >= settings.deadline:
+        return Step(GiveUp.DEADLINE, 0.0, True)
+    if not gates.breakers_admit:
+        return Step(GiveUp.BREAKER_OPEN, 0.0, True)
+    return Step(None, delay, True)
 
 
 class RetryBudget:
@@ -189,6 +294,14 @@ class RetryBudget:
             self._retries[window.idx] += 1
             return True
         return False
+
+    def available(self) -> bool:
+        """Whether :meth:`try_acquire` would allow a retry now; takes nothing."""
+        now = self._clock()
+        window = self._window
+        if now >= window.edge:
+            window.advance(now)
+        return sum(self._retries) < self._ratio * sum(self._requests) + self._floor
 
     def counts(self) -> tuple[int, int]:
         """``(requests, retries)`` in the current window, for metrics and the status page."""
