@@ -7,7 +7,7 @@ import json
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
@@ -17,6 +17,8 @@ from proxy.config import Config, parse_listen
 from proxy.forward import Forwarder
 from proxy.log import Logger
 from proxy.metrics import Metrics
+from proxy.observers import AccessLog, MetricsRecorder
+from proxy.records import Observer
 from proxy.server import ClientConnection, Request, Server
 
 __all__ = ["Sidecar", "serve"]
@@ -34,7 +36,11 @@ def _json_answer(status: int, payload: object, *, keep_alive: bool = True) -> by
 
 
 class Sidecar:
-    """One running sidecar: ``await start()``, then ``await stop()``."""
+    """One running sidecar: ``await start()``, then ``await stop()``.
+
+    ``observers`` receive the outcome records of every attempt and answer (``proxy.records``),
+    after the built-in metrics and access log.
+    """
 
     def __init__(
         self,
@@ -45,8 +51,10 @@ class Sidecar:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.config = config
+        self._extra_observers = tuple(observers)
         self._sleep = sleep
         self._rand = rand
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -65,6 +73,7 @@ class Sidecar:
             self.config,
             metrics=self.metrics,
             logger=self.log,
+            observers=[MetricsRecorder(self.metrics), AccessLog(self.log), *self._extra_observers],
             clock=self._clock,
             sleep=self._sleep,
             rand=self._rand,

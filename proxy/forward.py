@@ -1,19 +1,22 @@
-"""The pipeline for one Stripe API request: route, admit, make safe, attempt, answer, record.
+"""The pipeline for one Stripe API request: admit, make safe, attempt, respond, record.
 
-It coordinates and decides nothing itself: classification, retry policy, budget, breakers and
-the limiter are the pure modules; sockets are ``proxy.upstream`` and ``proxy.server``.
+:meth:`Forwarder.forward` reads as the request's walk; each stage is a method of its own and
+decides nothing that a pure module can: classification is ``proxy.classify``, what follows an
+attempt is :func:`proxy.retry.next_step`, answers are framed by ``proxy.respond``, and sockets are
+``proxy.upstream`` and ``proxy.server``. Everything a stage learns goes on the request's
+:class:`Call`; the record stage turns it into outcome records for the observers (metrics, the
+access log, and whatever subscribes next).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import os
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
 
 from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.bulkhead import Bulkhead, Compartment
@@ -27,76 +30,156 @@ from proxy.classify import (
 from proxy.config import Config, OperationSettings
 from proxy.errors import UpstreamError
 from proxy.log import Logger
-from proxy.metrics import Metrics, OperationMetrics
+from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimiter
-from proxy.retry import RetryBudget, parse_retry_after, retry_delay, should_retry
+from proxy.records import AttemptRecord, Observer, RequestRecord
+from proxy.respond import Responder
+from proxy.retry import (
+    REPEATABLE_METHODS,
+    Gates,
+    GiveUp,
+    RetryBudget,
+    Step,
+    next_step,
+    parse_retry_after,
+)
 from proxy.routes import Router
-from proxy.server import ClientConnection, Request, error_response
+from proxy.server import ClientConnection, Request
 from proxy.upstream import Connection, Pool, Response
 
-__all__ = ["Forwarder"]
+__all__ = ["Call", "Forwarder"]
 
-_REPEATABLE = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
-_NO_BODY_STATUS = frozenset({204, 304})
 _BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
-
+_OPEN_GATES = Gates()
+_NOT_YET = classify_response(200, None, None, None)  # a call's verdict before its first attempt
+_ANSWERED = Step(GiveUp.ANSWERED, 0.0, False)
 
 class _Op:
     """Everything resolved once per operation template."""
 
-    __slots__ = (
-        "breaker",
-        "breaker_on",
-        "compartment",
-        "json_name",
-        "metrics",
-        "name",
-        "pool",
-        "retry",
-        "settings",
-    )
+    __slots__ = ("breaker", "compartment", "name", "pool", "retry")
 
     def __init__(
         self,
         name: str,
         pool: Pool,
         settings: OperationSettings,
-        breaker: CircuitBreaker,
-        metrics: OperationMetrics,
+        breaker: CircuitBreaker | None,
         compartment: Compartment,
     ) -> None:
         self.name = name
-        self.json_name = json.dumps(name)
         self.pool = pool
-        self.settings = settings
         self.retry = settings.retry
-        self.breaker_on = settings.breaker.enabled
-        self.breaker = breaker
-        self.metrics = metrics
+        self.breaker = breaker  # None when this operation's breaker is switched off
         self.compartment = compartment
 
 
-class _StreamSink:
-    """Writes a streamed upstream body to the client, chunk-framed when the length is unknown."""
+class Permits:
+    """The breaker permits one attempt holds: taken before it, given back by its result.
 
-    __slots__ = ("_chunked", "_conn", "_keep_alive")
+    Used as a context manager around a request's attempts, so a permit still held when the
+    request ends (a refusal, a bug, a cancellation) is released: a half-open breaker must get
+    its probe slot back, or it would fail fast until the probe timeout.
+    """
 
-    def __init__(self, conn: ClientConnection, chunked: bool, keep_alive: bool) -> None:
-        self._conn = conn
-        self._chunked = chunked
-        self._keep_alive = keep_alive
+    __slots__ = ("_host", "_name", "_op", "held")
 
-    def body(self, chunk: bytes) -> None:
-        if self._chunked:
-            self._conn.start_stream(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        else:
-            self._conn.start_stream(chunk)
+    def __init__(self, op: CircuitBreaker | None, host: CircuitBreaker | None, name: str) -> None:
+        self._op = op
+        self._host = host
+        self._name = name
+        self.held = False
 
-    def end(self) -> None:
-        self._conn.end_stream(b"0\r\n\r\n" if self._chunked else b"", keep_alive=self._keep_alive)
+    def acquire(self) -> bool:
+        """Take a permit from the operation's breaker and the host's; False = fail fast."""
+        op, host = self._op, self._host
+        if op is not None and not op.try_acquire():
+            return False
+        if host is not None and not host.try_acquire():
+            if op is not None:
+                op.release()
+            return False
+        self.held = True
+        return True
 
-    def fail(self) -> None:
-        self._conn.abort()
+    def would_admit(self) -> bool:
+        """Whether :meth:`acquire` would succeed now (takes nothing)."""
+        op, host = self._op, self._host
+        return (op is None or op.would_admit()) and (host is None or host.would_admit())
+
+    def record(self, failure: bool, duration: float) -> None:
+        """Report the attempt's result to both breakers; the permits are spent."""
+        if self._op is not None:
+            self._op.record(failure, duration, self._name)
+        if self._host is not None:
+            self._host.record(failure, duration, self._name)
+        self.held = False
+
+    def release(self) -> None:
+        """Give the permits back unused."""
+        if self.held:
+            self.held = False
+            if self._op is not None:
+                self._op.release()
+            if self._host is not None:
+                self._host.release()
+
+    def __enter__(self) -> Permits:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class Call:
+    """One request on its way through the pipeline: what each stage learned so far."""
+
+    __slots__ = (
+        "attempt",
+        "conn",
+        "error",
+        "has_key",
+        "head",
+        "in_bulkhead",
+        "injected",
+        "limiter_wait",
+        "op",
+        "outcome",
+        "req",
+        "resp",
+        "start",
+        "status",
+        "step",
+        "verdict",
+    )
+
+    def __init__(self, req: Request, conn: ClientConnection, op: _Op, start: float) -> None:
+        self.req = req
+        self.conn = conn
+        self.op = op
+        self.start = start
+        self.head = b""  # the upstream request head, built once by the make-safe stage
+        self.injected: bytes | None = None  # the Idempotency-Key the sidecar added
+        self.has_key = req.idempotency_key is not None
+        self.in_bulkhead = False
+        self.limiter_wait = 0.0
+        self.attempt = 0  # sends to Stripe so far
+        self.resp: Response | None = None
+        self.error: UpstreamError | None = None
+        self.verdict: Verdict = _NOT_YET
+        self.step = _ANSWERED
+        self.status = 0
+        self.outcome = ""
+
+    @property
+    def settled(self) -> bool:
+        """The sidecar retried or chose not to: the answer tells SDKs not to retry on top."""
+        return self.step.settled
 
 
 class Forwarder:
@@ -108,6 +191,7 @@ class Forwarder:
         *,
         metrics: Metrics,
         logger: Logger,
+        observers: Sequence[Observer] = (),
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
@@ -116,35 +200,22 @@ class Forwarder:
         self.config = config
         self.metrics = metrics
         self.log = logger
+        self._observers = tuple(observers)
         self._clock = clock
         self._wall = wall
         self._rand = rand
         self._sleep = sleep
-        up = config.upstream
-        self.router = Router(up.routes)
-        self.pools = {
-            name: Pool(
-                origin,
-                connect_timeout=up.connect_timeout,
-                idle_timeout=up.idle_timeout,
-                max_idle=up.max_idle_per_host,
-                buffer_limit=up.buffer_limit,
-                ssl_context=_ssl_context(up.ca_file) if origin.scheme == "https" else None,
-                clock=clock,
-            )
-            for name, origin in config.origins().items()
-        }
+        self.router = Router(config.upstream.routes)
+        self.pools = _pools(config, clock)
         self.host_breaker = CircuitBreaker(
             config.host_breaker, clock, self._on_transition("upstream")
         )
-        self._host_breaker_on = config.host_breaker.enabled
+        self._host_breaker = self.host_breaker if config.host_breaker.enabled else None
         self.limiter = RateLimiter(config.ratelimit, clock) if config.ratelimit.enabled else None
         r = config.retry
         self.budget = RetryBudget(r.budget_ratio, r.budget_min_per_second, r.budget_window, clock)
         b = config.bulkhead
         self.bulkhead = Bulkhead(b.max_in_flight, b.max_wait) if b.enabled else None
-        self._sidecar_headers = config.server.sidecar_headers
-        self._lines_cache: dict[tuple[int, str], bytes] = {}
         self._inject = config.idempotency.inject
         # Injected keys: a random 128-bit base drawn once per process, then a counter. Unique by
         # construction (a key reused for another request would make Stripe replay the wrong
@@ -162,6 +233,12 @@ class Forwarder:
         self._sweep_every = min(0.25, max(0.01, shortest / 5))
         self._loop = asyncio.get_running_loop()
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+        self.respond = Responder(
+            sidecar_headers=config.server.sidecar_headers,
+            stream_idle=config.retry.attempt_timeout,
+            armed=self._armed,
+            loop=self._loop,
+        )
         metrics.breaker_state.labels("upstream").set(0)
 
     # -- set-up -------------------------------------------------------------------------------
@@ -176,38 +253,40 @@ class Forwarder:
 
         return changed
 
-    def _op(self, name: str, host: str) -> _Op:
+    def _operation(self, req: Request) -> _Op:
+        """The request's operation, with its breaker, pool and bulkhead compartment."""
+        name, host = self.router.resolve(req.method, req.path)
         op = self._ops.get(name)
         if op is None:
-            settings = self.config.for_operation(name)
-            limits = settings.limits
-            if self.limiter is not None and (
-                limits.endpoint_rate is not None or limits.endpoint_burst is not None
-            ):
-                rl = self.config.ratelimit
-                rate = limits.endpoint_rate or rl.endpoint_rate
-                burst = limits.endpoint_burst or max(
-                    1.0, rate * rl.endpoint_burst / rl.endpoint_rate
-                )
-                self.limiter.set_endpoint_limit(name, rate, burst)
-            op = _Op(
-                name,
-                self.pools.get(host) or self.pools["api"],
-                settings,
-                CircuitBreaker(settings.breaker, self._clock, self._on_transition(name)),
-                self.metrics.operation(name),
-                Compartment(
-                    limits.max_in_flight or self.config.bulkhead.max_in_flight_per_operation
-                ),
-            )
-            self._ops[name] = op
-            self.metrics.breaker_state.labels(name).set(0)
+            op = self._ops[name] = self._new_operation(name, host)
         return op
 
+    def _new_operation(self, name: str, host: str) -> _Op:
+        settings = self.config.for_operation(name)
+        limits = settings.limits
+        if self.limiter is not None and (
+            limits.endpoint_rate is not None or limits.endpoint_burst is not None
+        ):
+            rl = self.config.ratelimit
+            rate = limits.endpoint_rate or rl.endpoint_rate
+            burst = limits.endpoint_burst or max(1.0, rate * rl.endpoint_burst / rl.endpoint_rate)
+            self.limiter.set_endpoint_limit(name, rate, burst)
+        breaker = CircuitBreaker(settings.breaker, self._clock, self._on_transition(name))
+        self.metrics.breaker_state.labels(name).set(0)
+        return _Op(
+            name,
+            self.pools.get(host) or self.pools["api"],
+            settings,
+            breaker if settings.breaker.enabled else None,
+            Compartment(
+                limits.max_in_flight or self.config.bulkhead.max_in_flight_per_operation
+            ),
+        )
+
     def breakers(self) -> dict[str, CircuitBreaker]:
-        """Every breaker by scope (``upstream`` for the host, then operations)."""
+        """Every enabled breaker by scope (``upstream`` for the host, then operations)."""
         out = {"upstream": self.host_breaker}
-        out.update({name: op.breaker for name, op in self._ops.items()})
+        out.update({name: op.breaker for name, op in self._ops.items() if op.breaker is not None})
         return out
 
     def _sweep(self) -> None:
@@ -227,234 +306,189 @@ class Forwarder:
 
     # -- the pipeline ---------------------------------------------------------------------------
     async def forward(self, req: Request, conn: ClientConnection) -> None:
-        """Handle one Stripe API request from admission to the log line."""
-        start = self._clock()
-        name, host = self.router.resolve(req.method, req.path)
-        op = self._ops.get(name) or self._op(name, host)
+        """Handle one Stripe API request from admission to its records."""
+        call = Call(req, conn, self._operation(req), self._clock())
         metrics = self.metrics
         metrics.in_flight += 1
-        held = False  # breaker permits taken and not yet recorded or released
         try:
-            settings = op.retry
-            method = req.method
-            self.budget.record_request()
-
-            # admit: breakers (fail fast), rate limit, bulkhead
-            refusal = self._admit_breakers(op)
+            with Permits(call.op.breaker, self._host_breaker, call.op.name) as permits:
+                refusal = None
+                try:
+                    refusal = await self._admit(call, permits)
+                    if refusal is None:
+                        self._make_safe(call)
+                        await self._attempts(call, permits)
+                finally:
+                    if call.in_bulkhead:
+                        self._leave_bulkhead(call)
             if refusal is not None:
-                self._answer_refusal(req, conn, op, start, refusal)
-                return
-            held = True
-            # The bulkhead before the limiter: a request it turns away takes no rate token.
-            bulkhead = self.bulkhead
-            if (
-                bulkhead is not None
-                and not bulkhead.try_enter(op.compartment)
-                and not await bulkhead.enter(op.compartment)
-            ):
-                self._release_breakers(op)
-                held = False
-                self._answer_refusal(req, conn, op, start, "bulkhead_full")
-                return
-            limiter = self.limiter
-            if limiter is not None:
-                wait = limiter.reserve(op.name)
-                if wait is None:
-                    if bulkhead is not None:
-                        bulkhead.leave(op.compartment)
-                    self._release_breakers(op)
-                    held = False
-                    self._answer_refusal(req, conn, op, start, "rate_limited")
-                    return
-                if wait > 0:
-                    op.metrics.limiter_wait(wait)
-                    await self._sleep(wait)
-
-            # idempotency: make a POST safe to repeat
-            injected: bytes | None = None
-            head_lines = req.head
-            replayable = req.source is None
-            if (
-                req.idempotency_key is None
-                and method == "POST"
-                and self._inject
-                and replayable
-                and not req.path.startswith("/oauth/")
-            ):
-                self._key_count += 1
-                injected = b"%s%x" % (self._key_base, self._key_count)
-                head_lines.append(b"Idempotency-Key: " + injected + b"\r\n")
-                op.metrics.key_injected()
-            has_key = injected is not None or req.idempotency_key is not None
-            pool = op.pool
-            body = req.body
-            head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%b" % (
-                method.encode(),
-                req.target,
-                pool.origin.host_header,
-                b"".join(head_lines),
-            )
-            if req.source is not None:
-                head += (
-                    b"Transfer-Encoding: chunked\r\n\r\n"
-                    if req.chunked
-                    else b"Content-Length: %d\r\n\r\n" % (req.content_length or 0)
-                )
-            elif body or method in ("POST", "PUT", "PATCH"):
-                head += b"Content-Length: %d\r\n\r\n" % len(body)
+                self._refuse(call, refusal)
             else:
-                head += b"\r\n"
-
-            # attempt loop
-            attempt = 0
-            resp: Response | None = None
-            error: UpstreamError | None = None
-            verdict: Verdict
-            retried_or_could = False
-            try:
-                while True:
-                    attempt += 1
-                    t0 = self._clock() if attempt > 1 else start
-                    timeout = min(settings.attempt_timeout, settings.deadline - (t0 - start))
-                    try:
-                        if req.source is not None:
-                            resp = await self._attempt_streaming(pool, head, req, timeout)
-                        else:
-                            resp = await self._attempt(
-                                pool, head, body, method, has_key, timeout, op
-                            )
-                        if resp.resent:
-                            attempt += 1
-                        error = None
-                        verdict = classify_response(
-                            resp.status,
-                            resp.should_retry,
-                            resp.rate_limited_reason,
-                            resp.body_bytes() if resp.status >= 400 and resp.complete else None,
-                        )
-                    except UpstreamError as exc:
-                        resp, error = None, exc
-                        verdict = classify_transport_error(exc.kind)
-                        if exc.resent:
-                            attempt += 1
-                        if exc.caused_by_client:
-                            # The client stalled or left mid-body: nothing to learn about Stripe.
-                            self._release_breakers(op)
-                            held = False
-                            break
-                    duration = self._clock() - t0
-                    op.metrics.attempt(verdict.outcome, duration)
-                    failure = verdict.upstream_failure
-                    if op.breaker_on:
-                        op.breaker.record(failure, duration, op.name)
-                    if self._host_breaker_on:
-                        self.host_breaker.record(failure, duration, op.name)
-                    held = False
-                    if verdict.outcome is Outcome.RATE_LIMITED and limiter is not None:
-                        limiter.on_rate_limited(op.name, resp.rate_limited_reason if resp else None)
-                    if verdict.outcome is Outcome.SUCCESS or not verdict.retryable:
-                        break
-                    can = should_retry(
-                        verdict,
-                        attempt=attempt,
-                        settings=settings,
-                        elapsed=self._clock() - start,
-                        has_idempotency_key=has_key,
-                        method=method,
-                        body_replayable=replayable and (resp is None or resp.complete),
-                    )
-                    if not can:
-                        retried_or_could = attempt > 1 or (
-                            settings.enabled and replayable and (has_key or method in _REPEATABLE)
-                        )
-                        break
-                    retried_or_could = True
-                    if conn.closed:
-                        break
-                    if not self.budget.try_acquire():
-                        op.metrics.budget_exhausted()
-                        break
-                    retry_after = (
-                        parse_retry_after(resp.retry_after, self._wall()) if resp else None
-                    )
-                    delay = retry_delay(verdict, attempt, retry_after, settings, self._rand)
-                    if self._clock() - start + delay >= settings.deadline:
-                        break
-                    if self._admit_breakers(op) is not None:
-                        break  # the breaker opened meanwhile: answer with what we have
-                    held = True
-                    if limiter is not None:
-                        wait = limiter.reserve(op.name)
-                        if wait is None:
-                            self._release_breakers(op)
-                            held = False
-                            break
-                        delay = max(delay, wait)
-                    op.metrics.retry(verdict.outcome)
-                    self.log.event(
-                        "retry_scheduled",
-                        operation=op.name,
-                        outcome=verdict.outcome.value,
-                        attempt=attempt,
-                        delay_ms=round(delay * 1000, 1),
-                    )
-                    if resp is not None:
-                        resp.discard()
-                        resp = None
-                    if delay > 0:
-                        await self._sleep(delay)
-            finally:
-                if bulkhead is not None:
-                    bulkhead.leave(op.compartment)
-
-            # respond
-            if resp is not None:
-                status = resp.status
-                self._answer(req, conn, resp, verdict, attempt, injected, retried_or_could)
-            else:
-                assert error is not None
-                status = self._answer_error(
-                    req, conn, error, verdict, attempt, injected, retried_or_could
-                )
-
-            # record
-            duration = self._clock() - start
-            op.metrics.request(status, verdict.outcome, duration)
-            if self.log.access_enabled:
-                self.log.access(
-                    op.json_name,
-                    status,
-                    verdict.outcome,
-                    attempt,
-                    duration,
-                    resp.request_id if resp is not None else None,
-                    injected is not None,
-                )
+                ended = self._respond(call)
+                if ended is not None:
+                    cut = await ended  # a streamed answer is recorded once it has ended
+                    if cut is not None:
+                        call.outcome = cut
         except Exception as exc:  # a bug must cost one request, never the connection loop
-            if held:
-                self._release_breakers(op)  # or a half-open probe slot stays taken
-            self.log.event("internal_error", "error", operation=op.name, error=repr(exc))
-            conn.finish(
-                error_response(
-                    500, "internal_error", "The sidecar failed to handle this request.", close=True
-                ),
-                keep_alive=False,
-            )
-            op.metrics.request(500, "internal_error", self._clock() - start)
+            self.log.event("internal_error", "error", operation=call.op.name, error=repr(exc))
+            self.respond.internal_error(call)
         finally:
             metrics.in_flight -= 1
+        self._record(call)
 
-    async def _attempt(
-        self,
-        pool: Pool,
-        head: bytes,
-        body: bytes,
-        method: str,
-        has_key: bool,
-        timeout: float,
-        op: _Op,
-    ) -> Response:
-        """One attempt with a buffered body; a stale pooled connection is replaced once.
+    # -- admit ----------------------------------------------------------------------------------
+    async def _admit(self, call: Call, permits: Permits) -> str | None:
+        """Breakers, bulkhead, limiter; the reason to refuse, or None with everything taken."""
+        self.budget.record_request()
+        if not permits.acquire():
+            return "circuit_open"
+        bulkhead = self.bulkhead
+        compartment = call.op.compartment
+        # The bulkhead before the limiter: a request it turns away takes no rate token.
+        if bulkhead is not None:
+            if not bulkhead.try_enter(compartment) and not await bulkhead.enter(compartment):
+                return "bulkhead_full"
+            call.in_bulkhead = True
+        limiter = self.limiter
+        if limiter is not None:
+            wait = limiter.reserve(call.op.name)
+            if wait is None:
+                return "rate_limited"
+            if wait > 0:
+                call.limiter_wait = wait
+                await self._sleep(wait)
+        return None
+
+    def _leave_bulkhead(self, call: Call) -> None:
+        assert self.bulkhead is not None
+        self.bulkhead.leave(call.op.compartment)
+        call.in_bulkhead = False
+
+    # -- make safe ------------------------------------------------------------------------------
+    def _make_safe(self, call: Call) -> None:
+        """Give a POST without an Idempotency-Key one, and build the upstream request head."""
+        req = call.req
+        head_lines = req.head
+        if (
+            not call.has_key
+            and req.method == "POST"
+            and self._inject
+            and req.source is None  # a streamed body is sent once: no retry needs a key
+            and not req.path.startswith("/oauth/")  # connect.stripe.com takes no keys
+        ):
+            self._key_count += 1
+            call.injected = b"%s%x" % (self._key_base, self._key_count)
+            call.has_key = True
+            head_lines.append(b"Idempotency-Key: " + call.injected + b"\r\n")
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%b" % (
+            req.method.encode(),
+            req.target,
+            call.op.pool.origin.host_header,
+            b"".join(head_lines),
+        )
+        if req.source is not None:
+            head += (
+                b"Transfer-Encoding: chunked\r\n\r\n"
+                if req.chunked
+                else b"Content-Length: %d\r\n\r\n" % (req.content_length or 0)
+            )
+        elif req.body or req.method in ("POST", "PUT", "PATCH"):
+            head += b"Content-Length: %d\r\n\r\n" % len(req.body)
+        else:
+            head += b"\r\n"
+        call.head = head
+
+    # -- attempt loop ---------------------------------------------------------------------------
+    async def _attempts(self, call: Call, permits: Permits) -> None:
+        """Send, classify, ask next_step; repeat until an answer is final."""
+        settings = call.op.retry
+        while True:
+            call.attempt += 1
+            t0 = self._clock() if call.attempt > 1 else call.start
+            timeout = min(settings.attempt_timeout, settings.deadline - (t0 - call.start))
+            if call.resp is not None:
+                call.resp.discard()  # the previous attempt's answer, now superseded
+            call.resp = call.error = None
+            try:
+                call.resp = await self._send(call, timeout)
+                resp = call.resp
+                call.verdict = classify_response(
+                    resp.status,
+                    resp.should_retry,
+                    resp.rate_limited_reason,
+                    resp.body_bytes() if resp.status >= 400 and resp.complete else None,
+                )
+            except UpstreamError as exc:
+                call.error = exc
+                call.verdict = classify_transport_error(exc.kind)
+                if exc.caused_by_client:
+                    # The client stalled or left mid-body: nothing to learn about Stripe.
+                    permits.release()
+                    call.step = Step(GiveUp.CLIENT_GONE, 0.0, False)
+                    return
+            duration = self._clock() - t0
+            permits.record(call.verdict.upstream_failure, duration)
+            if call.verdict.outcome is Outcome.RATE_LIMITED and self.limiter is not None:
+                assert call.resp is not None
+                self.limiter.on_rate_limited(call.op.name, call.resp.rate_limited_reason)
+            step = self._next_step(call, permits)
+            call.step = step if step.give_up is not None else self._take_retry(call, permits, step)
+            self._emit_attempt(call, duration)
+            if call.step.give_up is not None:
+                return
+            if call.step.delay > 0:
+                await self._sleep(call.step.delay)
+
+    def _next_step(self, call: Call, permits: Permits) -> Step:
+        verdict, req, resp = call.verdict, call.req, call.resp
+        retry_after = None
+        if resp is not None and resp.retry_after is not None:
+            retry_after = parse_retry_after(resp.retry_after, self._wall())
+        return next_step(
+            verdict,
+            attempt=call.attempt,
+            elapsed=self._clock() - call.start,
+            method=req.method,
+            has_idempotency_key=call.has_key,
+            body_held=req.source is None,
+            answer_held=resp is None or resp.complete,
+            retry_after=retry_after,
+            settings=call.op.retry,
+            gates=self._gates(call, permits) if verdict.retryable else _OPEN_GATES,
+            rand=self._rand,
+        )
+
+    def _gates(self, call: Call, permits: Permits) -> Gates:
+        """Read (without taking) the shared state a retry would need."""
+        limiter = self.limiter
+        return Gates(
+            client_connected=not call.conn.closed,
+            budget_available=self.budget.available(),
+            breakers_admit=permits.would_admit(),
+            limiter_wait=limiter.peek(call.op.name) if limiter is not None else 0.0,
+        )
+
+    def _take_retry(self, call: Call, permits: Permits, step: Step) -> Step:
+        """Take what next_step saw was free: a budget token, breaker permits, a rate token.
+
+        Time moves between the look and the take (a budget window may roll over), so each can
+        still refuse; the answer in hand is then final.
+        """
+        if not self.budget.try_acquire():
+            return Step(GiveUp.BUDGET, 0.0, True)
+        if not permits.acquire():
+            return Step(GiveUp.BREAKER_OPEN, 0.0, True)
+        if self.limiter is not None:
+            wait = self.limiter.reserve(call.op.name)
+            if wait is None:
+                permits.release()
+                return Step(GiveUp.RATE_LIMITED, 0.0, True)
+            if wait > step.delay:
+                return Step(None, wait, True)
+        return step
+
+    async def _send(self, call: Call, timeout: float) -> Response:
+        """One attempt; a stale pooled connection is replaced once.
 
         A pooled connection the server closed just as it was reused breaks before any answer.
         A repeatable request then goes again at once on a fresh connection: a burst of stale
@@ -462,263 +496,135 @@ class Forwarder:
         send still counts as an attempt (Stripe may have received it), so metrics and
         ``Sidecar-Attempts`` tell the truth.
         """
-        conn = await pool.acquire()
+        req, pool = call.req, call.op.pool
+        head_only = req.method == "HEAD"
         deadline = pool.loop.time() + timeout
-        armed = self._armed
-        conn.deadline = deadline
-        armed.add(conn)
+        if req.source is not None:
+            # Never a possibly-stale pooled connection: a streamed body cannot be sent again.
+            conn = await pool.connect()
+            with self._armed_until(conn, deadline):
+                return await conn.send_streaming(call.head, req.source, head_only)
+        conn = await pool.acquire()
         try:
-            return await conn.send(head, body, method == "HEAD")
+            with self._armed_until(conn, deadline):
+                return await conn.send(call.head, req.body, head_only)
         except UpstreamError as exc:
             if (
                 not conn.reused
                 or exc.response_started
                 or exc.kind is TransportError.TIMEOUT
-                or not (has_key or method in _REPEATABLE)
+                or not (call.has_key or req.method in REPEATABLE_METHODS)
             ):
                 raise
-        finally:
-            armed.discard(conn)
-            conn.deadline = 0.0
-        op.metrics.attempt(Outcome.CONNECTION_ERROR, 0.0)
-        try:
-            fresh = await pool.connect()
-        except UpstreamError as exc:
-            exc.resent = True  # the lost send on the stale connection still counts
-            raise
-        fresh.deadline = deadline
-        armed.add(fresh)
-        try:
-            resp = await fresh.send(head, body, method == "HEAD")
-        except UpstreamError as exc:
-            exc.resent = True
-            raise
-        finally:
-            armed.discard(fresh)
-            fresh.deadline = 0.0
-        resp.resent = True
-        return resp
+        lost = AttemptRecord(
+            call.op.name, call.attempt, Outcome.CONNECTION_ERROR, 0, None, None, None,
+            TransportError.RESET, 0.0, 0.0,
+        )
+        self._emit(lost)
+        call.attempt += 1
+        fresh = await pool.connect()
+        with self._armed_until(fresh, deadline):
+            return await fresh.send(call.head, req.body, head_only)
 
-    async def _attempt_streaming(
-        self, pool: Pool, head: bytes, req: Request, timeout: float
-    ) -> Response:
-        """The single attempt of a request whose body is forwarded while it arrives."""
-        assert req.source is not None
-        conn = await pool.connect()  # never a possibly-stale pooled one: the body cannot be resent
-        conn.deadline = pool.loop.time() + timeout
-        self._armed.add(conn)
-        try:
-            return await conn.send_streaming(head, req.source, req.method == "HEAD")
-        finally:
-            self._armed.discard(conn)
-            conn.deadline = 0.0
+    def _armed_until(self, conn: Connection, deadline: float) -> _Armed:
+        conn.deadline = deadline
+        return _Armed(self._armed, conn)
 
-    # -- admission helpers --------------------------------------------------------------------
-    def _admit_breakers(self, op: _Op) -> str | None:
-        if op.breaker_on and not op.breaker.try_acquire():
-            return "circuit_open"
-        if self._host_breaker_on and not self.host_breaker.try_acquire():
-            if op.breaker_on:
-                op.breaker.release()
-            return "circuit_open"
+    # -- respond --------------------------------------------------------------------------------
+    def _respond(self, call: Call) -> asyncio.Future[str | None] | None:
+        """Answer the app; a streamed answer returns a future that resolves at its end."""
+        if call.resp is not None:
+            return self.respond.upstream(call, call.resp)
+        error = call.error
+        assert error is not None
+        self.respond.failure(call, error.caused_by_client, str(error))
         return None
 
-    def _release_breakers(self, op: _Op) -> None:
-        if op.breaker_on:
-            op.breaker.release()
-        if self._host_breaker_on:
-            self.host_breaker.release()
-
-    # -- answers ----------------------------------------------------------------------------------
-    def _sidecar_lines(
-        self, attempts: int, outcome: str, injected: bytes | None, echoed: bool
-    ) -> bytes:
-        if not self._sidecar_headers:
-            return b""
-        key = (attempts, outcome)
-        lines = self._lines_cache.get(key)
-        if lines is None:
-            lines = b"Sidecar-Attempts: %d\r\nSidecar-Outcome: %s\r\n" % (
-                attempts,
-                outcome.encode(),
-            )
-            if len(self._lines_cache) < 256:
-                self._lines_cache[key] = lines
-        if injected is not None and not echoed:
-            lines += b"Idempotency-Key: " + injected + b"\r\n"
-        return lines
-
-    def _answer(
-        self,
-        req: Request,
-        conn: ClientConnection,
-        resp: Response,
-        verdict: Verdict,
-        attempts: int,
-        injected: bytes | None,
-        gave_up: bool,
-    ) -> None:
-        headers = resp.headers
-        keep_alive = conn.keeps_alive(req)
-        if gave_up and verdict.retryable:
-            if (
-                verdict.outcome is Outcome.GATEWAY_ERROR
-                and resp.complete
-                and not resp.body_bytes().lstrip().startswith(b"{")
-            ):
-                # A load balancer's HTML page. SDKs that cannot parse a body retry it whatever
-                # Stripe-Should-Retry says (stripe-go does), so the final answer is made
-                # Stripe-shaped instead.
-                self._answer_gateway_page(req, conn, resp, verdict, attempts, injected, keep_alive)
-                return
-            # The sidecar already retried (or chose not to): an SDK retrying on top would
-            # multiply the load on Stripe, so say so.
-            headers = [h for h in headers if not h[:20].lower().startswith(b"stripe-should-retry:")]
-            headers.append(b"Stripe-Should-Retry: false\r\n")
-        head = b"HTTP/1.1 %d %s\r\n%b%b" % (
-            resp.status,
-            resp.reason,
-            b"".join(headers),
-            self._sidecar_lines(
-                attempts, verdict.outcome, injected, resp.idempotency_key is not None
-            ),
-        )
-        status = resp.status
-        if not resp.complete and resp.content_length is None and not req.http11:
-            keep_alive = False  # HTTP/1.0 knows no chunking: the end of the body is the close
-        if not keep_alive:
-            head += b"Connection: close\r\n"
-        if req.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
-            if resp.content_length is not None and status != 204:
-                head += b"Content-Length: %d\r\n" % resp.content_length
-            conn.finish(head + b"\r\n", keep_alive=keep_alive)
-            resp.discard()
-            return
-        if resp.complete:
-            body = resp.body
-            size = len(body[0]) if len(body) == 1 else sum(map(len, body))
-            conn.finish(
-                b"".join([head, b"Content-Length: %d\r\n\r\n" % size, *body]), keep_alive=keep_alive
-            )
-            return
-        # A large answer: stream it, framed by the upstream's length or re-chunked.
-        if resp.content_length is not None:
-            conn.start_stream(head + b"Content-Length: %d\r\n\r\n" % resp.content_length)
-            sink = _StreamSink(conn, chunked=False, keep_alive=keep_alive)
-        elif not req.http11:
-            conn.start_stream(head + b"\r\n")
-            sink = _StreamSink(conn, chunked=False, keep_alive=False)
-        else:
-            conn.start_stream(head + b"Transfer-Encoding: chunked\r\n\r\n")
-            sink = _StreamSink(conn, chunked=True, keep_alive=keep_alive)
-        conn.set_streaming(resp)
-        upstream = resp.conn
-        if upstream is not None and not resp.complete:
-            # A streamed answer that goes silent for an attempt timeout is cut off, so neither
-            # side waits forever; each chunk moves the deadline on.
-            upstream.stream_idle = self.config.retry.attempt_timeout
-            upstream.deadline = self._loop.time() + upstream.stream_idle
-            self._armed.add(upstream)
-        resp.stream(sink)
-
-    def _answer_gateway_page(
-        self,
-        req: Request,
-        conn: ClientConnection,
-        resp: Response,
-        verdict: Verdict,
-        attempts: int,
-        injected: bytes | None,
-        keep_alive: bool,
-    ) -> None:
-        status = resp.status
-        extra = self._sidecar_lines(attempts, verdict.outcome, injected, False)
-        extra += b"Stripe-Should-Retry: false\r\n"
-        message = (
-            f"Stripe's edge answered {status} with a page that is not a Stripe API answer, "
-            f"on every attempt ({attempts})."
-        )
-        conn.finish(
-            error_response(
-                status, "upstream_gateway_error", message, extra=extra, close=not keep_alive
-            ),
-            keep_alive=keep_alive,
-        )
-
-    def _answer_error(
-        self,
-        req: Request,
-        conn: ClientConnection,
-        error: UpstreamError,
-        verdict: Verdict,
-        attempts: int,
-        injected: bytes | None,
-        gave_up: bool,
-    ) -> int:
-        type_ = "api_error"
-        keep_alive = conn.keeps_alive(req)
-        if error.caused_by_client:
-            status, code, type_ = 408, "body_timeout", "invalid_request_error"
-            message = "The request body did not arrive in time (or the client stopped sending it)."
-            gave_up = False
-        elif verdict.outcome is Outcome.TIMEOUT:
-            status, code = 504, "upstream_timeout"
-            message = f"Stripe did not answer in time ({attempts} attempt(s))."
-        else:
-            status, code = 502, "upstream_unreachable"
-            message = f"Stripe could not be reached ({attempts} attempt(s)): {error}."
-        extra = self._sidecar_lines(attempts, verdict.outcome, injected, False)
-        if gave_up:
-            extra += b"Stripe-Should-Retry: false\r\n"
-        conn.finish(
-            error_response(status, code, message, type_=type_, extra=extra, close=not keep_alive),
-            keep_alive=keep_alive,
-        )
-        return status
-
-    def _answer_refusal(
-        self, req: Request, conn: ClientConnection, op: _Op, start: float, reason: str
-    ) -> None:
-        op.metrics.fail_fast(reason)
+    def _refuse(self, call: Call, reason: str) -> None:
         if reason == "circuit_open":
-            wait = max(op.breaker.retry_after(), self.host_breaker.retry_after())
-            status, type_, message = (
-                503,
-                "api_error",
-                (
-                    f"The circuit breaker for {op.name} is open after repeated upstream failures; "
-                    f"failing fast. Try again in {wait:.1f} s."
-                ),
+            breaker = call.op.breaker
+            wait = max(
+                breaker.retry_after() if breaker is not None else 0.0,
+                self.host_breaker.retry_after(),
             )
         elif reason == "rate_limited":
             wait = self.config.ratelimit.max_wait
-            status, type_, message = (
-                429,
-                "invalid_request_error",
-                (
-                    "The sidecar's client-side rate limit for this operation is exhausted; "
-                    "this request was not sent to Stripe."
-                ),
-            )
         else:
             wait = 1.0
-            status, type_, message = (
-                503,
-                "api_error",
-                ("Too many requests are in flight to Stripe; this request was not sent."),
-            )
-        extra = b"Retry-After: %d\r\nStripe-Should-Retry: false\r\n" % max(1, math.ceil(wait))
-        if self._sidecar_headers:
-            extra += b"Sidecar-Attempts: 0\r\nSidecar-Outcome: %s\r\n" % reason.encode()
-        keep_alive = conn.keeps_alive(req)
-        conn.finish(
-            error_response(status, reason, message, type_=type_, extra=extra, close=not keep_alive),
-            keep_alive=keep_alive,
+        self.respond.refusal(call, reason, wait)
+
+    # -- record ---------------------------------------------------------------------------------
+    def _emit_attempt(self, call: Call, duration: float) -> None:
+        resp, verdict, step = call.resp, call.verdict, call.step
+        record = AttemptRecord(
+            call.op.name,
+            call.attempt,
+            verdict.outcome,
+            resp.status if resp is not None else 0,
+            verdict.error_code,
+            resp.rate_limited_reason if resp is not None else None,
+            resp.request_id if resp is not None else None,
+            call.error.kind if call.error is not None else None,
+            duration,
+            step.delay if step.give_up is None else None,
         )
-        duration = self._clock() - start
-        op.metrics.request(status, reason, duration)
-        if self.log.access_enabled:
-            self.log.access(op.json_name, status, reason, 0, duration, None, False)
+        self._emit(record)
+
+    def _emit(self, record: AttemptRecord) -> None:
+        for observer in self._observers:
+            observer.attempt(record)
+
+    def _record(self, call: Call) -> None:
+        resp, step = call.resp, call.step
+        record = RequestRecord(
+            call.op.name,
+            call.req.method,
+            call.status,
+            call.outcome,
+            call.attempt,
+            self._clock() - call.start,
+            resp.request_id if resp is not None else None,
+            call.verdict.error_code,
+            call.injected is not None,
+            step.give_up if call.attempt else None,
+            call.limiter_wait,
+        )
+        for observer in self._observers:
+            observer.request(record)
+
+
+class _Armed:
+    """Keeps a connection on the sweeper's list while its attempt runs."""
+
+    __slots__ = ("_armed", "_conn")
+
+    def __init__(self, armed: set[Connection], conn: Connection) -> None:
+        self._armed = armed
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._armed.add(self._conn)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._armed.discard(self._conn)
+        self._conn.deadline = 0.0
+
+
+def _pools(config: Config, clock: Callable[[], float]) -> dict[str, Pool]:
+    """One keep-alive pool per upstream host name (api, files, connect, meter_events)."""
+    up = config.upstream
+    return {
+        name: Pool(
+            origin,
+            connect_timeout=up.connect_timeout,
+            idle_timeout=up.idle_timeout,
+            max_idle=up.max_idle_per_host,
+            buffer_limit=up.buffer_limit,
+            ssl_context=_ssl_context(up.ca_file) if origin.scheme == "https" else None,
+            clock=clock,
+        )
+        for name, origin in config.origins().items()
+    }
 
 
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:

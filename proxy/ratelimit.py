@@ -146,12 +146,33 @@ class RateLimiter:
         if not self._enabled:
             return 0.0
         now = self._clock()
-        g = self._global
+        g, e = self._global, self._endpoint(endpoint, now)
+        wait, g_tokens, e_tokens = self._wait(now, g, e)
+        if wait is None:
+            return None
+        g.tokens = g_tokens
+        g.last = now
+        e.tokens = e_tokens
+        e.last = now
+        return wait
+
+    def peek(self, endpoint: str) -> float | None:
+        """What :meth:`reserve` would answer now, without taking anything."""
+        if not self._enabled:
+            return 0.0
+        now = self._clock()
+        return self._wait(now, self._global, self._endpoint(endpoint, now))[0]
+
+    def _endpoint(self, endpoint: str, now: float) -> _Bucket:
         e = self._endpoints.get(endpoint)
         if e is None:
             e = self._endpoints[endpoint] = _Bucket(
                 self.settings.endpoint_rate, self.settings.endpoint_burst, now, self._share
             )
+        return e
+
+    def _wait(self, now: float, g: _Bucket, e: _Bucket) -> tuple[float | None, float, float]:
+        """Seconds until both buckets have a token, and their tokens after taking one."""
         if g.recovering:
             g.sync(now)
         if e.recovering:
@@ -165,18 +186,11 @@ class RateLimiter:
             e_tokens = e.burst
         e_tokens -= 1.0
         if g_tokens >= 0.0 and e_tokens >= 0.0:
-            wait = 0.0
-        else:
-            g_wait = -g_tokens / g.rate if g_tokens < 0.0 else 0.0
-            e_wait = -e_tokens / e.rate if e_tokens < 0.0 else 0.0
-            wait = g_wait if g_wait > e_wait else e_wait
-            if wait > self._max_wait:
-                return None
-        g.tokens = g_tokens
-        g.last = now
-        e.tokens = e_tokens
-        e.last = now
-        return wait
+            return 0.0, g_tokens, e_tokens
+        g_wait = -g_tokens / g.rate if g_tokens < 0.0 else 0.0
+        e_wait = -e_tokens / e.rate if e_tokens < 0.0 else 0.0
+        wait = g_wait if g_wait > e_wait else e_wait
+        return (None if wait > self._max_wait else wait), g_tokens, e_tokens
 
     def set_endpoint_limit(self, endpoint: str, rate: float, burst: float) -> None:
         """Give ``endpoint`` its own rate and burst (e.g. Stripe's 20/s for Files and Search)."""

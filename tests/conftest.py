@@ -36,7 +36,12 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
     started: list[Sidecar] = []
 
     async def make(
-        upstream_url: str | None, *, sleep: Any = None, rand: Any = None, **sections: Any
+        upstream_url: str | None,
+        *,
+        sleep: Any = None,
+        rand: Any = None,
+        observers: Any = None,
+        **sections: Any,
     ) -> Sidecar:
         data = _merge(
             {
@@ -46,7 +51,11 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
             },
             sections,
         )
-        extra = {k: v for k, v in (("sleep", sleep), ("rand", rand)) if v is not None}
+        extra = {
+            k: v
+            for k, v in (("sleep", sleep), ("rand", rand), ("observers", observers))
+            if v is not None
+        }
         sidecar = Sidecar(config_from_dict(data), log_stream=io.StringIO(), **extra)
         await sidecar.start()
         sidecar.url = f"http://127.0.0.1:{sidecar.port}"  # type: ignore[attr-defined]

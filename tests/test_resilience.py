@@ -484,14 +484,14 @@ async def test_an_internal_error_gives_its_half_open_probe_back(raw_upstream, ma
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     healthy = True
-    real_attempt = sc.forwarder._attempt
+    real_attempt = sc.forwarder._send
 
     async def broken(*args, **kwargs):
         raise RuntimeError("a bug in the attempt path")
 
-    sc.forwarder._attempt = broken
+    sc.forwarder._send = broken
     answers, _ = await exchange(sc.port, GET)  # the probe: the bug answers 500
     assert answers[0].json()["error"]["code"] == "sidecar_internal_error"
-    sc.forwarder._attempt = real_attempt
+    sc.forwarder._send = real_attempt
     answers, _ = await exchange(sc.port, GET)  # the slot came back: a new probe goes through
     assert answers[0].status == 200

@@ -1,0 +1,251 @@
+"""The respond stage: turn a finished call into the answer the app receives.
+
+Stripe's answer passes through unchanged (status, headers, body) plus the sidecar's own headers;
+when the sidecar retried or could have, the answer says ``Stripe-Should-Retry: false`` so SDKs do
+not retry on top. A load balancer's HTML page on the last attempt, a transport failure and the
+sidecar's own refusals become Stripe-shaped JSON errors. Every method sets ``call.status`` and
+``call.outcome`` for the record stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import TYPE_CHECKING
+
+from proxy.classify import Outcome
+from proxy.server import ClientConnection, error_response
+from proxy.upstream import Connection, Response
+
+if TYPE_CHECKING:
+    from proxy.forward import Call
+
+__all__ = ["Responder"]
+
+_NO_BODY_STATUS = frozenset({204, 304})
+_SHOULD_RETRY = b"stripe-should-retry:"
+_NO_RETRY = b"Stripe-Should-Retry: false\r\n"
+
+
+class _StreamSink:
+    """Writes a streamed upstream body to the client.
+
+    ``ended`` resolves when the stream stops: None if the whole body went out, else the outcome
+    to record for the cut (the client left first, or the upstream broke off).
+    """
+
+    __slots__ = ("_chunked", "_conn", "_keep_alive", "ended")
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        chunked: bool,
+        keep_alive: bool,
+        ended: asyncio.Future[str | None],
+    ) -> None:
+        self._conn = conn
+        self._chunked = chunked
+        self._keep_alive = keep_alive
+        self.ended = ended
+
+    def body(self, chunk: bytes) -> None:
+        if self._chunked:
+            self._conn.start_stream(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self._conn.start_stream(chunk)
+
+    def end(self) -> None:
+        self._conn.end_stream(b"0\r\n\r\n" if self._chunked else b"", keep_alive=self._keep_alive)
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def fail(self) -> None:
+        cut = "client_gone" if self._conn.closed else Outcome.CONNECTION_ERROR
+        self._conn.abort()
+        if not self.ended.done():
+            self.ended.set_result(cut)
+
+
+class Responder:
+    """Writes answers to the app's connection; one per sidecar."""
+
+    def __init__(
+        self,
+        *,
+        sidecar_headers: bool,
+        stream_idle: float,
+        armed: set[Connection],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._sidecar_headers = sidecar_headers
+        self._stream_idle = stream_idle
+        self._armed = armed
+        self._loop = loop
+        self._lines_cache: dict[tuple[int, str], bytes] = {}
+
+    def _sidecar_lines(self, call: Call, outcome: str, echoed: bool) -> bytes:
+        if not self._sidecar_headers:
+            return b""
+        key = (call.attempt, outcome)
+        lines = self._lines_cache.get(key)
+        if lines is None:
+            lines = b"Sidecar-Attempts: %d\r\nSidecar-Outcome: %s\r\n" % (
+                call.attempt,
+                outcome.encode(),
+            )
+            if len(self._lines_cache) < 256:
+                self._lines_cache[key] = lines
+        if call.injected is not None and not echoed:
+            lines += b"Idempotency-Key: " + call.injected + b"\r\n"
+        return lines
+
+    # -- Stripe's answer ------------------------------------------------------------------------
+    def upstream(self, call: Call, resp: Response) -> asyncio.Future[str | None] | None:
+        """Pass Stripe's answer on; a streamed one returns a future that resolves at its end."""
+        verdict = call.verdict
+        conn = call.conn
+        call.status, call.outcome = resp.status, verdict.outcome
+        headers = resp.headers
+        keep_alive = conn.keeps_alive(call.req)
+        if call.settled and verdict.retryable:
+            if (
+                verdict.outcome is Outcome.GATEWAY_ERROR
+                and resp.complete
+                and not resp.body_bytes().lstrip().startswith(b"{")
+            ):
+                # A load balancer's HTML page. SDKs that cannot parse a body retry it whatever
+                # Stripe-Should-Retry says (stripe-go does), so the final answer is made
+                # Stripe-shaped instead.
+                self._gateway_page(call, resp.status, keep_alive)
+                return None
+            headers = [h for h in headers if not h[:20].lower().startswith(_SHOULD_RETRY)]
+            headers.append(_NO_RETRY)
+        head = b"HTTP/1.1 %d %s\r\n%b%b" % (
+            resp.status,
+            resp.reason,
+            b"".join(headers),
+            self._sidecar_lines(call, verdict.outcome, resp.idempotency_key is not None),
+        )
+        if not resp.complete and resp.content_length is None and not call.req.http11:
+            keep_alive = False  # HTTP/1.0 knows no chunking: the end of the body is the close
+        if not keep_alive:
+            head += b"Connection: close\r\n"
+        status = resp.status
+        if call.req.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
+            if resp.content_length is not None and status != 204:
+                head += b"Content-Length: %d\r\n" % resp.content_length
+            conn.finish(head + b"\r\n", keep_alive=keep_alive)
+            resp.discard()
+            return None
+        if resp.complete:
+            body = resp.body
+            size = len(body[0]) if len(body) == 1 else sum(map(len, body))
+            conn.finish(
+                b"".join([head, b"Content-Length: %d\r\n\r\n" % size, *body]), keep_alive=keep_alive
+            )
+            return None
+        return self._stream(call, resp, head, keep_alive)
+
+    def _stream(
+        self, call: Call, resp: Response, head: bytes, keep_alive: bool
+    ) -> asyncio.Future[str | None]:
+        """A large answer: stream it, framed by the upstream's length or re-chunked."""
+        conn = call.conn
+        ended: asyncio.Future[str | None] = self._loop.create_future()
+        if resp.content_length is not None:
+            conn.start_stream(head + b"Content-Length: %d\r\n\r\n" % resp.content_length)
+            sink = _StreamSink(conn, False, keep_alive, ended)
+        elif not call.req.http11:
+            conn.start_stream(head + b"\r\n")
+            sink = _StreamSink(conn, False, False, ended)
+        else:
+            conn.start_stream(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            sink = _StreamSink(conn, True, keep_alive, ended)
+        conn.set_streaming(resp)
+        upstream = resp.conn
+        if upstream is not None and not resp.complete:
+            # A streamed answer that goes silent for an attempt timeout is cut off, so neither
+            # side waits forever; each chunk moves the deadline on.
+            upstream.stream_idle = self._stream_idle
+            upstream.deadline = self._loop.time() + upstream.stream_idle
+            self._armed.add(upstream)
+        resp.stream(sink)
+        return ended
+
+    def _gateway_page(self, call: Call, status: int, keep_alive: bool) -> None:
+        extra = self._sidecar_lines(call, call.verdict.outcome, False) + _NO_RETRY
+        message = (
+            f"Stripe's edge answered {status} with a page that is not a Stripe API answer, "
+            f"on every attempt ({call.attempt})."
+        )
+        call.conn.finish(
+            error_response(
+                status, "upstream_gateway_error", message, extra=extra, close=not keep_alive
+            ),
+            keep_alive=keep_alive,
+        )
+
+    # -- the sidecar's own answers --------------------------------------------------------------
+    def failure(self, call: Call, client_caused: bool, detail: str) -> None:
+        """No usable answer came from Stripe (or the client stalled its body)."""
+        type_ = "api_error"
+        settled = call.settled
+        if client_caused:
+            status, code, type_ = 408, "body_timeout", "invalid_request_error"
+            message = "The request body did not arrive in time (or the client stopped sending it)."
+            settled = False
+        elif call.verdict.outcome is Outcome.TIMEOUT:
+            status, code = 504, "upstream_timeout"
+            message = f"Stripe did not answer in time ({call.attempt} attempt(s))."
+        else:
+            status, code = 502, "upstream_unreachable"
+            message = f"Stripe could not be reached ({call.attempt} attempt(s)): {detail}."
+        extra = self._sidecar_lines(call, call.verdict.outcome, False)
+        if settled:
+            extra += _NO_RETRY
+        self._error(call, status, code, message, type_, extra)
+        call.outcome = call.verdict.outcome
+
+    def refusal(self, call: Call, reason: str, retry_after: float) -> None:
+        """The sidecar answers without calling Stripe: failing fast or shedding load."""
+        op = call.op.name
+        if reason == "circuit_open":
+            status, type_ = 503, "api_error"
+            message = (
+                f"The circuit breaker for {op} is open after repeated upstream failures; "
+                f"failing fast. Try again in {retry_after:.1f} s."
+            )
+        elif reason == "rate_limited":
+            status, type_ = 429, "invalid_request_error"
+            message = (
+                "The sidecar's client-side rate limit for this operation is exhausted; "
+                "this request was not sent to Stripe."
+            )
+        else:
+            status, type_ = 503, "api_error"
+            message = "Too many requests are in flight to Stripe; this request was not sent."
+        extra = b"Retry-After: %d\r\n" % max(1, math.ceil(retry_after)) + _NO_RETRY
+        if self._sidecar_headers:
+            extra += b"Sidecar-Attempts: 0\r\nSidecar-Outcome: %s\r\n" % reason.encode()
+        self._error(call, status, reason, message, type_, extra)
+        call.outcome = reason
+
+    def internal_error(self, call: Call) -> None:
+        """A bug cost this request; the connection is closed after the answer."""
+        call.conn.finish(
+            error_response(
+                500, "internal_error", "The sidecar failed to handle this request.", close=True
+            ),
+            keep_alive=False,
+        )
+        call.status, call.outcome = 500, "internal_error"
+
+    def _error(
+        self, call: Call, status: int, code: str, message: str, type_: str, extra: bytes
+    ) -> None:
+        keep_alive = call.conn.keeps_alive(call.req)
+        call.conn.finish(
+            error_response(status, code, message, type_=type_, extra=extra, close=not keep_alive),
+            keep_alive=keep_alive,
+        )
+        call.status = status

@@ -1,0 +1,116 @@
+"""Outcome records: every attempt and every answer reaches the observers, exactly as it happened."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client.parser import text_string_to_metric_families
+from rawclient import exchange
+from rawupstream import Received, json_answer
+
+from proxy.records import AttemptRecord, RequestRecord
+
+POST = b"POST /v1/payment_intents HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\namount=2000"
+GET_FILE = b"GET /v1/files/file_1/contents HTTP/1.1\r\nHost: x\r\n\r\n"
+BUSY = json_answer(
+    503, b'{"error":{"type":"api_error","code":"overloaded"}}', b"Request-Id: req_busy"
+)
+OK = json_answer(200, b'{"id":"pi_1"}', b"Request-Id: req_ok")
+
+
+class Recorder:
+    """An observer that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.attempts: list[AttemptRecord] = []
+        self.requests: list[RequestRecord] = []
+
+    def attempt(self, record: AttemptRecord) -> None:
+        self.attempts.append(record)
+
+    def request(self, record: RequestRecord) -> None:
+        self.requests.append(record)
+
+
+class Sleeps:
+    """Returns at once (the backoff is not what these tests look at)."""
+
+    async def __call__(self, delay: float) -> None:
+        return None
+
+
+async def test_a_retried_post_gives_one_record_per_attempt_and_one_for_the_answer(raw_upstream, make_sidecar):
+    """A 503 then a 200: two attempt records (the first says a retry follows) and one request record."""
+    answers = [BUSY, OK]
+    up = await raw_upstream(lambda r: answers.pop(0))
+    seen = Recorder()
+    sc = await make_sidecar(up.url, sleep=Sleeps(), rand=lambda: 0.5, observers=[seen])
+    result, _ = await exchange(sc.port, POST)
+    assert result[0].status == 200
+    op = seen.attempts[0].operation
+    assert op.startswith("POST /v1/payment_intents")
+    first, second = seen.attempts
+    assert first._replace(duration=0.0) == AttemptRecord(
+        op, 1, "gateway_error", 503, "overloaded", None, "req_busy", None, 0.0, 0.025
+    )
+    assert second._replace(duration=0.0) == AttemptRecord(
+        op, 2, "success", 200, None, None, "req_ok", None, 0.0, None
+    )
+    (answer,) = seen.requests
+    assert answer._replace(duration=0.0) == RequestRecord(
+        op, "POST", 200, "success", 2, 0.0, "req_ok", None, True, "answered", 0.0
+    )
+    assert answer.duration >= first.duration + second.duration
+
+
+async def test_a_refusal_is_recorded_with_no_attempt(raw_upstream, make_sidecar):
+    """A request the open breaker refuses is one request record, zero attempts, reason as outcome."""
+    up = await raw_upstream(lambda r: BUSY)
+    seen = Recorder()
+    sc = await make_sidecar(
+        up.url,
+        sleep=Sleeps(),
+        observers=[seen],
+        retry={"max_attempts": 1},
+        breaker={"consecutive_failures": 1, "open_duration": 60.0},
+    )
+    await exchange(sc.port, POST)
+    result, _ = await exchange(sc.port, POST)
+    assert result[0].status == 503
+    assert [r.outcome for r in seen.requests] == ["gateway_error", "circuit_open"]
+    assert seen.requests[1].attempts == 0 and seen.requests[1].give_up is None
+    assert len(seen.attempts) == 1
+
+
+async def test_a_streamed_answer_cut_midway_is_never_recorded_as_a_success(raw_upstream, make_sidecar):
+    """An upstream that breaks off a large answer: the record and the metrics say so, not success."""
+    size = 3 * 1024 * 1024
+
+    def cut(r: Received):
+        async def write(transport: asyncio.Transport) -> None:
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            transport.write(b"x" * (size // 2))
+            await asyncio.sleep(0)
+            transport.abort()
+
+        return write
+
+    up = await raw_upstream(cut)
+    seen = Recorder()
+    sc = await make_sidecar(up.url, observers=[seen])
+    _, closed = await exchange(sc.port, GET_FILE, timeout=10)
+    assert closed
+    deadline = asyncio.get_running_loop().time() + 5
+    while not seen.requests:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    (answer,) = seen.requests
+    assert answer.status == 200 and answer.outcome == "connection_error"
+    text = sc.metrics.render().decode()
+    outcomes = {
+        s.labels["outcome"]
+        for family in text_string_to_metric_families(text)
+        if family.name == "stripe_sidecar_requests"
+        for s in family.samples
+    }
+    assert outcomes == {"connection_error"}
