@@ -13,16 +13,20 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__
-from proxy.config import Config, parse_listen
+from proxy.config import Config, config_warnings, parse_listen
+from proxy.fdlimit import FdPlan, plan_connections, raise_nofile_limit
 from proxy.forward import Forwarder
 from proxy.log import Logger
 from proxy.metrics import Metrics
 from proxy.observers import AccessLog, MetricsRecorder
 from proxy.records import Observer
-from proxy.server import ClientConnection, Request, Server
+from proxy.server import ClientConnection, Request, Server, ShutdownReport
 
-__all__ = ["Sidecar", "serve"]
+__all__ = ["EXIT_UNFINISHED", "Sidecar", "serve"]
 
+# Exit status when the shutdown grace ran out with requests unfinished (1 and 2 are start-up
+# failures: see proxy.cli).
+EXIT_UNFINISHED = 3
 OPERATOR_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
@@ -66,6 +70,7 @@ class Sidecar:
         self.server: Server | None = None
         self.port = 0
         self._flusher: asyncio.TimerHandle | None = None
+        self.report: ShutdownReport | None = None  # how the last stop() ended
 
     async def start(self) -> int:
         """Listen on ``server.listen``; return the bound port."""
@@ -79,6 +84,7 @@ class Sidecar:
             rand=self._rand,
         )
         s = self.config.server
+        plan = self._plan_fds()
         self.server = Server(
             self,
             max_header_bytes=s.max_header_bytes,
@@ -87,37 +93,66 @@ class Sidecar:
             header_timeout=s.header_timeout,
             idle_timeout=s.idle_timeout,
             operator_paths=OPERATOR_PATHS,
+            max_connections=plan.max_connections,
+            overflow=plan.overflow,
+            on_overload=self.metrics.connections_over_bound.inc,
         )
         self.server.forward = self.forwarder.forward  # skip this class's indirection per request
         host, port = parse_listen(s.listen)
         self.port = await self.server.start(host, port)
         self.started_at = self._clock()
         self._schedule_flush()
+        for warning in config_warnings(self.config):
+            self.log.event("config_warning", "warning", message=warning)
         self.log.event(
             "started",
             version=__version__,
             listen=f"{host}:{self.port}",
+            max_connections=plan.max_connections,
             upstreams={n: p.origin.url for n, p in self.forwarder.pools.items()},
         )
         return self.port
+
+    def _plan_fds(self) -> FdPlan:
+        """Raise the descriptor limit and bound client connections by it (logged)."""
+        before, soft, hard = raise_nofile_limit()
+        plan = plan_connections(soft, self.config.server.max_connections)
+        self.log.event("fd_limit", soft_before=before, soft=soft, hard=hard)
+        if plan.warning is not None:
+            self.log.event("config_warning", "warning", message=plan.warning)
+        return plan
 
     def _schedule_flush(self) -> None:
         self.log.flush()
         loop = asyncio.get_running_loop()
         self._flusher = loop.call_later(0.5, self._schedule_flush)
 
-    async def stop(self) -> bool:
-        """Stop accepting, finish in-flight requests within the grace period; True if clean."""
-        clean = True
+    async def stop(self, hurry: asyncio.Event | None = None) -> bool:
+        """Shut down like a sidecar (drain, stop accepting, grace); True if every request finished.
+
+        Setting ``hurry`` ends the drain period early (a second SIGTERM/SIGINT).
+        """
+        if self.report is not None:
+            return self.report.clean  # stopped already
+        s = self.config.server
+        report = ShutdownReport(0, 0)
         if self.server is not None:
-            clean = await self.server.shutdown(self.config.server.shutdown_grace)
+            self.log.event("draining", drain_period=s.drain_period, shutdown_grace=s.shutdown_grace)
+            report = await self.server.shutdown(s.drain_period, s.shutdown_grace, hurry=hurry)
         if self.forwarder is not None:
             self.forwarder.close()
         if self._flusher is not None:
             self._flusher.cancel()
-        self.log.event("stopped", clean=clean)
+        self.report = report
+        self.log.event(
+            "stopped",
+            "info" if report.clean else "warning",
+            clean=report.clean,
+            unfinished=report.unfinished,
+            connections_cut=report.connections_cut,
+        )
         self.log.flush()
-        return clean
+        return report.clean
 
     # -- Handler protocol (used by proxy.server) -------------------------------------------
     def forward(self, request: Request, conn: ClientConnection) -> Coroutine[Any, Any, None]:
@@ -154,9 +189,9 @@ class Sidecar:
                 },
             )
         if path == "/ready":
-            draining = self.server is None or self.server.draining
-            payload = {"ready": not draining, "breakers": self._breaker_summary()}
-            return _json_answer(503 if draining else 200, payload)
+            stopping = self.server is None or self.server.stopping
+            payload = {"ready": not stopping, "breakers": self._breaker_summary()}
+            return _json_answer(503 if stopping else 200, payload)
         if path == "/metrics":
             self._refresh_gauges()
             body = self.metrics.render()
@@ -188,9 +223,11 @@ class Sidecar:
 
 
 async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -> int:
-    """Run the sidecar until SIGTERM/SIGINT, drain, and return exit status 0.
+    """Run the sidecar until SIGTERM/SIGINT, shut down, and return the exit status.
 
-    Whether every in-flight request finished within the grace period is logged (``stopped``).
+    0 when every request finished within the grace period, :data:`EXIT_UNFINISHED` when some
+    were answered ``503 sidecar_shutting_down`` or cut (the ``stopped`` event says how many).
+    A second signal ends the drain period at once; requests in flight keep their grace.
     """
     sidecar = Sidecar(config)
     port = await sidecar.start()
@@ -198,8 +235,15 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
         ready(port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    await sidecar.stop()  # logs whether every in-flight request finished within the grace
-    return 0
+    clean = await sidecar.stop(hurry)
+    return 0 if clean else EXIT_UNFINISHED

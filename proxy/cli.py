@@ -1,4 +1,10 @@
-"""The ``stripe-sidecar`` command: serve, simulate, demo, check-config. Only this module exits."""
+"""The ``stripe-sidecar`` command: serve, simulate, demo, check-config. Only this module exits.
+
+Exit statuses: 0 success (for ``serve``: every request finished within the shutdown grace);
+1 an OS error at start (port in use...); 2 a usage or config error; 3 ``serve`` stopped with
+requests still running at the grace end (answered ``503 sidecar_shutting_down``, or answers
+cut: the ``stopped`` log event counts them); 130 interrupted before the sidecar was serving.
+"""
 
 from __future__ import annotations
 

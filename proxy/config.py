@@ -34,6 +34,7 @@ __all__ = [
     "OperationSettings",
     "ServerSettings",
     "UpstreamSettings",
+    "config_warnings",
     "load_config",
     "parse_listen",
 ]
@@ -50,7 +51,12 @@ class ServerSettings:
     max_body_bytes: int = 64 << 20
     header_timeout: float = 10.0
     idle_timeout: float = 75.0
-    shutdown_grace: float = 20.0
+    # None: derived from the file-descriptor limit at start (see proxy.fdlimit).
+    max_connections: int | None = None
+    # On SIGTERM: /ready turns 503 at once, serving goes on for drain_period, then the listener
+    # closes; requests in flight may run until shutdown_grace, counted from SIGTERM.
+    drain_period: float = 5.0
+    shutdown_grace: float = 25.0
     sidecar_headers: bool = True
 
 
@@ -153,6 +159,8 @@ class Config:
 # Numbers must be >= 0 unless named here.
 _POSITIVE = {
     "max_attempts",
+    "max_connections",
+    "shutdown_grace",
     "max_header_bytes",
     "max_body_bytes",
     "header_timeout",
@@ -360,6 +368,11 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             problems.append(
                 f"upstream.override: {config.upstream.override!r} is not an http(s) URL"
             )
+    if config.server.drain_period > config.server.shutdown_grace:
+        problems.append(
+            f"server.drain_period: {config.server.drain_period} exceeds shutdown_grace "
+            "(the grace is counted from SIGTERM and includes the drain)"
+        )
     for i, route in enumerate(config.upstream.routes):
         if route.host not in config.upstream.hosts:
             problems.append(f"upstream.routes[{i}].host: {route.host!r} is not in upstream.hosts")
@@ -378,6 +391,28 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             problems.append(
                 f"{where}.deadline: {retry.deadline} must stay under the SDKs' 80 s timeout"
             )
+
+
+# Kubernetes' default terminationGracePeriodSeconds: the kubelet kills the container after it.
+_K8S_TERMINATION_GRACE = 30.0
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but probably not meant (logged at start, never fatal)."""
+    out: list[str] = []
+    s = config.server
+    if s.shutdown_grace < s.drain_period + config.retry.deadline:
+        out.append(
+            f"server.shutdown_grace {s.shutdown_grace} is under drain_period + retry.deadline "
+            f"({s.drain_period + config.retry.deadline}): a request accepted at the end of the "
+            "drain may be answered 503 sidecar_shutting_down before its retries are done"
+        )
+    if s.shutdown_grace >= _K8S_TERMINATION_GRACE:
+        out.append(
+            f"server.shutdown_grace {s.shutdown_grace} reaches Kubernetes' default termination "
+            "grace (30 s): raise the pod's terminationGracePeriodSeconds above it"
+        )
+    return out
 
 
 def config_from_dict(data: Any, *, source: str = "config") -> Config:

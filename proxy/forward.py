@@ -329,6 +329,10 @@ class Forwarder:
                     cut = await ended  # a streamed answer is recorded once it has ended
                     if cut is not None:
                         call.outcome = cut
+        except asyncio.CancelledError:  # the shutdown grace ran out (proxy.server.Server)
+            self.respond.shutting_down(call)
+            self._record(call)  # the record stage below is skipped: the task ends here
+            raise
         except Exception as exc:  # a bug must cost one request, never the connection loop
             self.log.event("internal_error", "error", operation=call.op.name, error=repr(exc))
             self.respond.internal_error(call)

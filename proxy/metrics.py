@@ -72,6 +72,11 @@ class Metrics:
             ["operation", "reason"],
             registry=registry,
         )
+        self.connections_over_bound = Counter(
+            f"{ns}_client_connections_over_bound",
+            "Client connections over server.max_connections, answered 503 sidecar_overloaded.",
+            registry=registry,
+        )
         self.budget_exhausted = Counter(
             f"{ns}_retry_budget_exhausted",
             "Retries not made because the retry budget was spent.",

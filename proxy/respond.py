@@ -230,6 +230,38 @@ class Responder:
         self._error(call, status, reason, message, type_, extra)
         call.outcome = reason
 
+    def shutting_down(self, call: Call) -> None:
+        """The shutdown grace ran out on this call: 503 with its Idempotency-Key, or a cut.
+
+        The request may have reached Stripe, so the app gets the key it was sent with (its own
+        or the injected one) to retry or reconcile with; an SDK's retry would not carry an
+        injected key, so that answer says not to retry. An answer already under way (streaming)
+        can only be cut.
+        """
+        conn = call.conn
+        call.outcome = "shutting_down"
+        if call.status:  # the answer's head is out already
+            conn.abort()
+            return
+        key = call.injected if call.injected is not None else call.req.idempotency_key
+        extra = b""
+        if key is not None:
+            extra = b"Idempotency-Key: " + key + b"\r\n"
+            if call.injected is not None:
+                extra += _NO_RETRY
+        if self._sidecar_headers:
+            extra += b"Sidecar-Attempts: %d\r\nSidecar-Outcome: shutting_down\r\n" % call.attempt
+        message = (
+            "The sidecar is shutting down and its grace period ran out before Stripe answered; "
+            "the request may or may not have been executed. Retry it with the same "
+            "Idempotency-Key, if it has one."
+        )
+        conn.finish(
+            error_response(503, "shutting_down", message, extra=extra, close=True),
+            keep_alive=False,
+        )
+        call.status = 503
+
     def internal_error(self, call: Call) -> None:
         """A bug cost this request; the connection is closed after the answer."""
         call.conn.finish(

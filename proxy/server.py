@@ -13,13 +13,21 @@ import asyncio
 import collections
 import re
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import httptools
 
 from proxy.errors import ClientGone, error_body
 
-__all__ = ["ClientConnection", "Handler", "Request", "Server", "error_response"]
+__all__ = [
+    "ClientConnection",
+    "Handler",
+    "Request",
+    "Server",
+    "ShutdownReport",
+    "error_response",
+]
 
 _STATUS_TEXT = {
     100: b"Continue",
@@ -210,8 +218,27 @@ class _Reject(Exception):
         self.answer = answer
 
 
+@dataclass(frozen=True, slots=True)
+class ShutdownReport:
+    """How a shutdown ended: clean when every request finished within the grace period."""
+
+    # Request tasks still running at the grace end: answered 503 sidecar_shutting_down, or cut
+    # if their answer was streaming already.
+    unfinished: int
+    connections_cut: int  # connections still busy without a request task (a stray stream)
+
+    @property
+    def clean(self) -> bool:
+        """Every request accepted was answered in full."""
+        return self.unfinished == 0 and self.connections_cut == 0
+
+
 class Server:
-    """Listens, tracks connections, and shuts down gracefully."""
+    """Listens, bounds and tracks connections and request tasks, and shuts down like a sidecar.
+
+    Shutdown has three phases (see :meth:`shutdown`): ``stopping`` (not ready, still serving),
+    ``closing`` (listener closed, every answer closes its connection), then the grace end.
+    """
 
     def __init__(
         self,
@@ -223,6 +250,9 @@ class Server:
         header_timeout: float,
         idle_timeout: float,
         operator_paths: frozenset[str],
+        max_connections: int = 1 << 30,
+        overflow: int = 64,
+        on_overload: Callable[[], None] | None = None,
     ) -> None:
         self.handler = handler
         # Resolved once: called for every request.
@@ -235,16 +265,33 @@ class Server:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.operator_paths = operator_paths
+        self.max_connections = max_connections
+        self.overflow = overflow
+        self._on_overload = on_overload
         self.connections: set[ClientConnection] = set()
-        self.draining = False
+        self.overloaded = 0  # connections in ``connections`` over the bound, answered 503
+        self.tasks: set[asyncio.Task[None]] = set()  # request tasks not finished yet
+        self.stopping = False  # shutdown has begun: /ready says 503, serving goes on
+        self.closing = False  # the drain is over: no new connections, answers close theirs
         self._server: asyncio.base_events.Server | None = None
         self._idle_event: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_every = 1.0
+        self.overloaded_answer = error_response(
+            503,
+            "overloaded",
+            f"The sidecar has its maximum of {max_connections} client connections open; this "
+            "request was not sent to Stripe. Retry shortly, or reuse connections.",
+            extra=b"Retry-After: 1\r\n",
+            close=True,
+        )
 
     async def start(self, host: str, port: int) -> int:
         """Start listening; return the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
+        # An accept that fails for lack of descriptors never spins or stops the listener:
+        # libuv (uvloop) accepts and closes the waiting connections with a spare descriptor,
+        # asyncio pauses accepting for a second.
         self._server = await loop.create_server(
             lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
         )
@@ -261,36 +308,118 @@ class Server:
             conn.expire()
         self._sweeper = loop.call_later(self._sweep_every, self._sweep)
 
+    # -- connections and tasks ------------------------------------------------------------------
+    def admit(self, conn: ClientConnection) -> bool:
+        """Count a new connection in; False if it was answered and closed at once.
+
+        Over ``max_connections`` a connection is still read, so operator endpoints answer and a
+        Stripe request gets ``503 sidecar_overloaded``; past that overflow too, the 503 is
+        written at once and the connection closed, freeing its descriptor.
+        """
+        if self.closing:
+            conn.close()
+            return False
+        if len(self.connections) - self.overloaded >= self.max_connections:
+            if self._on_overload is not None:
+                self._on_overload()
+            if self.overloaded >= self.overflow:
+                if conn.transport is not None:
+                    conn.transport.write(self.overloaded_answer)
+                conn.close()
+                return False
+            conn.overloaded = True
+            self.overloaded += 1
+        self.connections.add(conn)
+        return True
+
+    def release(self, conn: ClientConnection) -> None:
+        """A connection closed."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            if conn.overloaded:
+                self.overloaded -= 1
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a request task known until it finishes, so shutdown can answer it."""
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self._idle_event is not None:
+            self._idle_event.set()
+
     @property
     def busy(self) -> int:
         """Connections with a request in progress."""
         return sum(1 for c in self.connections if c.busy)
 
-    async def shutdown(self, grace: float) -> bool:
-        """Stop accepting, let in-flight requests finish for up to ``grace`` s; True if all did."""
-        self.draining = True
-        if self._server is not None:
-            self._server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        for conn in list(self.connections):
-            if not conn.busy:
-                conn.close()
+    # -- shutdown ----------------------------------------------------------------------------------
+    async def shutdown(
+        self, drain_period: float, grace: float, *, hurry: asyncio.Event | None = None
+    ) -> ShutdownReport:
+        """Shut down like a sidecar; ``grace`` is counted from this call and includes the drain.
+
+        1. ``stopping``: not ready, but accepting and serving as usual for ``drain_period`` (or
+           until ``hurry`` is set): the app in the same pod may be finishing its own work.
+        2. ``closing``: the listener closes, idle connections close, each answer still to come
+           says ``Connection: close``; requests in flight run on until the grace end.
+        3. At the grace end every request task still running is cancelled, which the pipeline
+           answers ``503 sidecar_shutting_down``; answers still streaming are cut.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+        end = loop.time() + grace
+        self.stopping = True
         self._idle_event = asyncio.Event()
-        while self.busy and loop.time() < deadline:
+        drain = min(drain_period, grace)
+        if drain > 0:
+            waiter = hurry if hurry is not None else asyncio.Event()
+            try:
+                async with asyncio.timeout(drain):
+                    await waiter.wait()
+            except TimeoutError:
+                pass
+        self.stop_accepting()
+        while (self.busy or self.tasks) and loop.time() < end:
             self._idle_event.clear()
             try:
-                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                async with asyncio.timeout(max(0.0, end - loop.time())):
                     await self._idle_event.wait()
             except TimeoutError:
                 break
-        clean = self.busy == 0
+        return await self._finish()
+
+    def stop_accepting(self) -> None:
+        """End of the drain: close the listener and idle connections."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
         for conn in list(self.connections):
-            conn.close()
-        return clean
+            if not conn.busy:
+                conn.close()
+
+    async def _finish(self) -> ShutdownReport:
+        """The grace end: answer what is left, close every connection, stop the sweeper."""
+        left = [t for t in self.tasks if not t.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=1.0)
+        cut = 0
+        for conn in list(self.connections):
+            if conn.busy:
+                cut += 1  # still answering, though its request task is over
+                conn.abort()
+            else:
+                conn.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        loop = asyncio.get_running_loop()
+        flushed = loop.time() + 1.0
+        while self.connections and loop.time() < flushed:
+            await asyncio.sleep(0.01)  # let the last answers reach the sockets
+        return ShutdownReport(len(left), cut)
 
     def connection_idle(self) -> None:
         """A connection finished a request (wakes a waiting shutdown)."""
@@ -323,14 +452,13 @@ class ClientConnection(asyncio.Protocol):
         self._streaming: Any = None
         self.busy = False
         self.closed = False
+        self.overloaded = False  # over server.max_connections: answered 503, then closed
         self._drain_waiters: list[asyncio.Future[None]] = []
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._server.connections.add(self)
-        if self._server.draining:
-            self.close()
+        if not self._server.admit(self):
             return
         self.deadline = self._loop.time() + self._server.header_timeout
 
@@ -367,7 +495,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
-        self._server.connections.discard(self)
+        self._server.release(self)
         self.deadline = 0.0
         req = self._req
         if req is not None and req.source is not None:
@@ -601,7 +729,10 @@ class ClientConnection(asyncio.Protocol):
             if answer is not None:
                 self.finish(answer, keep_alive=req.keep_alive)
                 return
-        self._loop.create_task(self._server.forward(req, self))
+        if self.overloaded:
+            self.finish(self._server.overloaded_answer, keep_alive=False)
+            return
+        self._server.track(self._loop.create_task(self._server.forward(req, self)))
 
     # -- answering (used by the pipeline) ------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -615,7 +746,7 @@ class ClientConnection(asyncio.Protocol):
         """
         return (
             req.keep_alive
-            and not self._server.draining
+            and not self._server.closing
             and not self.closed
             and (req.source is None or req.source.done)
         )
@@ -655,7 +786,7 @@ class ClientConnection(asyncio.Protocol):
     def _done(self, keep_alive: bool) -> None:
         self.busy = False
         self._server.connection_idle()
-        if not keep_alive or self._server.draining or self.closed:
+        if not keep_alive or self._server.closing or self.closed or self.overloaded:
             self.close()
             return
         if self._queue:

@@ -446,7 +446,7 @@ async def test_answer_finished_during_drain_says_connection_close(raw_upstream, 
     writer.write(GET)
     await poll(lambda: len(up.received) == 1, what="the GET upstream")
     stopping = asyncio.create_task(sc.stop())
-    await poll(lambda: sc.server.draining, what="draining")
+    await poll(lambda: sc.server.closing, what="the drain to end")
     release.set()
     answer = await read_answer(reader, 5)
     assert await stopping
