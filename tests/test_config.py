@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
-from proxy.config import Config, config_from_dict, load_config, with_overrides
+from proxy.config import Config, config_from_dict, config_warnings, load_config, with_overrides
 from proxy.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "sidecar.yaml"
@@ -179,3 +179,34 @@ def test_route_prefix_must_start_some_operation():
     ]
     config = config_from_dict({"upstream": {"routes": [{"method": "*", "prefix": "/v1/quotes/{quote}/", "host": "files"}]}})
     assert config.upstream.routes[0].prefix == "/v1/quotes/{quote}/"
+
+
+def test_drain_longer_than_the_grace_is_rejected():
+    """server.drain_period above shutdown_grace is an error naming both keys (the grace includes the drain)."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"server": {"drain_period": 10, "shutdown_grace": 5}})
+    assert any(p.startswith("server.drain_period: 10") and "shutdown_grace" in p for p in err.value.problems)
+
+
+def test_default_shutdown_timings_fit_kubernetes_and_outlast_the_retry_deadline():
+    """Defaults: drain 5 s, grace 25 s >= drain + retry deadline, under the pod's 30 s; no warning."""
+    config = Config()
+    assert config.server.drain_period == 5.0 and config.server.shutdown_grace == 25.0
+    assert config.server.shutdown_grace >= config.server.drain_period + config.retry.deadline
+    assert config_warnings(config) == []
+
+
+def test_a_grace_too_short_for_the_retries_or_too_long_for_kubernetes_is_warned_about():
+    """A grace under drain + retry deadline, or at 30 s and over, gives a warning naming server.shutdown_grace."""
+    short = config_warnings(config_from_dict({"server": {"shutdown_grace": 10}}))
+    long = config_warnings(config_from_dict({"server": {"shutdown_grace": 40}}))
+    assert len(short) == 1 and "drain_period + retry.deadline" in short[0]
+    assert len(long) == 1 and "terminationGracePeriodSeconds" in long[0]
+    assert all(w.startswith("server.shutdown_grace") for w in short + long)
+
+
+def test_max_connections_must_be_positive():
+    """server.max_connections 0 is refused with its key path."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"server": {"max_connections": 0}})
+    assert "server.max_connections: 0 is not a positive number" in err.value.problems
