@@ -684,7 +684,7 @@ def _sidecar_config(upstream_url: str) -> Config:
     """The sidecar's defaults, pointed at ``upstream_url``, with rate limits that never bind."""
     return config_from_dict(
         {
-            "server": {"listen": "127.0.0.1:0", "shutdown_grace": 2.0},
+            "server": {"listen": "127.0.0.1:0", "drain_period": 0, "shutdown_grace": 2.0},
             "upstream": {"override": upstream_url},
             "ratelimit": {
                 "global_rate": DEMO_RATE,
