@@ -295,3 +295,30 @@ def _breaker_lines(text: str) -> str:
 async def _status_is(port: int, status: int) -> bool:
     answers, _ = await exchange(port, BALANCE)
     return bool(answers) and answers[0].status == status
+
+
+async def test_an_answer_still_streaming_at_the_grace_end_is_cut_and_counted(raw_upstream, make_sidecar):
+    """A streamed answer whose upstream stalls is cut at the grace end (never left hanging), and stop() reports it unfinished."""
+    never = asyncio.Event()
+
+    async def stalls(transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/pdf\r\nContent-Length: 100000\r\n\r\n" + b"a" * 40_000)
+        await never.wait()
+
+    up = await raw_upstream(lambda r: stalls)
+    sc = await make_sidecar(up.url, upstream={"buffer_limit": 16384}, server={"shutdown_grace": 0.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+    writer.write(b"GET /v1/files/file_1/contents HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        got = await reader.readuntil(b"\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200")
+        clean = await sc.stop()
+        try:
+            while rest := await reader.read(65536):  # the connection ends: EOF or reset, never a hang
+                got += rest
+        except ConnectionResetError:
+            pass
+    writer.close()
+    assert clean is False
+    assert sc.report is not None and sc.report.unfinished + sc.report.connections_cut == 1
+    assert len(got) < 100_000 and b"sidecar_shutting_down" not in got  # no 503 inside a body
