@@ -113,7 +113,8 @@ _decode_json = json.JSONDecoder().raw_decode
 
 # Verdicts with error details, shared once seen: Stripe's (type, code) vocabulary is small, so a
 # storm of declines or lock timeouts allocates nothing. Bounded (entries and string length) in case
-# upstream sends junk.
+# upstream sends junk; when full, the oldest entry makes room, so the cache behaves the same
+# whatever was classified before.
 _DETAILED: dict[tuple[Outcome, bool, str | None, str | None], Verdict] = {}
 _MAX_DETAILED = 512
 
@@ -173,7 +174,10 @@ def _classify_error(
     verdict = _DETAILED.get(key)
     if verdict is None:
         verdict = Verdict(outcome, retryable, outcome in _UPSTREAM_FAILURE, error_type, error_code)
-        if len(_DETAILED) < _MAX_DETAILED and len(error_type or "") + len(error_code or "") < 128:
+        if len(error_type or "") + len(error_code or "") < 128:
+            if len(_DETAILED) >= _MAX_DETAILED:
+                # Evict the oldest entry: whatever came before, a repeated error is shared.
+                del _DETAILED[next(iter(_DETAILED))]
             _DETAILED[key] = verdict
     return verdict
 

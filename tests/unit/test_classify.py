@@ -216,6 +216,16 @@ def test_many_distinct_codes_stay_correct() -> None:
     assert len(classify._DETAILED) <= classify._MAX_DETAILED  # junk codes cannot grow memory
 
 
+def test_a_full_verdict_cache_still_shares_a_repeated_error() -> None:
+    """After the cache filled with other codes, a repeated error still reuses one verdict."""
+    for i in range(classify._MAX_DETAILED + 10):
+        classify_response(429, None, None, stripe_error("x", f"filler_{i}"))
+    body = stripe_error("card_error", "expired_card_after_fill")  # seen by no other test
+    first = classify_response(402, None, None, body)
+    assert first.error_code == "expired_card_after_fill"
+    assert classify_response(402, None, None, body) is first
+
+
 def test_long_codes_are_not_cached() -> None:
     """A junk multi-kilobyte code is reported but not kept in the shared verdict cache."""
     body = stripe_error("api_error", "x" * 5000)
