@@ -201,11 +201,6 @@ def _check_number(name: str, value: float, where: str, problems: list[str]) -> N
         problems.append(f"{where}: {value!r} is negative")
 
 
-def _type_name(tp: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
 def _convert(tp: Any, value: Any, where: str, name: str, problems: list[str]) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -384,6 +379,19 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             problems.append(
                 f"operations.{op}.retry.max_replay_body: set it for all operations, in retry"
             )
+    breakers = [("breaker", config.breaker)]
+    breakers += [
+        (f"operations.{op}.breaker", s.breaker)
+        for op, s in config.operations.items()
+        if s.breaker.min_failing_operations != config.breaker.min_failing_operations
+    ]
+    for where, breaker in breakers:
+        if breaker.min_failing_operations > 1:
+            # An operation's breaker only ever sees its own operation: it could never open.
+            problems.append(
+                f"{where}.min_failing_operations: {breaker.min_failing_operations} would keep "
+                "an operation's breaker from ever opening; it applies to host_breaker only"
+            )
     for where, retry in sections:
         if retry.base_delay > retry.max_delay:
             problems.append(f"{where}.base_delay: {retry.base_delay} exceeds max_delay")
@@ -422,6 +430,7 @@ def config_from_dict(data: Any, *, source: str = "config") -> Config:
     if isinstance(config.operations, dict) and config.operations:
         resolved: dict[str, OperationSettings] = {}
         for op, body in config.operations.items():
+            _global_only(body.get("retry"), f"operations.{op}.retry", problems)
             retry = _merge(
                 RetrySettings, config.retry, body.get("retry"), f"operations.{op}.retry", problems
             )
@@ -441,6 +450,19 @@ def config_from_dict(data: Any, *, source: str = "config") -> Config:
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+# One retry budget is shared by every operation, so these keys mean nothing per operation.
+_RETRY_GLOBAL_ONLY = ("budget_ratio", "budget_min_per_second", "budget_window")
+
+
+def _global_only(partial: Any, where: str, problems: list[str]) -> None:
+    if isinstance(partial, dict):
+        for key in _RETRY_GLOBAL_ONLY:
+            if key in partial:
+                problems.append(
+                    f"{where}.{key}: the retry budget is shared by all operations; set it in retry"
+                )
 
 
 def _merge(cls: type[Any], base: Any, partial: Any, where: str, problems: list[str]) -> Any:

@@ -210,3 +210,26 @@ def test_max_connections_must_be_positive():
     with pytest.raises(ConfigError) as err:
         config_from_dict({"server": {"max_connections": 0}})
     assert "server.max_connections: 0 is not a positive number" in err.value.problems
+
+
+def test_retry_budget_keys_are_rejected_per_operation():
+    """The retry budget is one for all operations: a per-operation budget key is an error, not ignored."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"operations": {"POST /v1/charges": {"retry": {"budget_ratio": 0.5, "budget_window": 3, "budget_min_per_second": 1}}}})
+    assert info.value.problems == [
+        "operations.POST /v1/charges.retry.budget_ratio: the retry budget is shared by all operations; set it in retry",
+        "operations.POST /v1/charges.retry.budget_min_per_second: the retry budget is shared by all operations; set it in retry",
+        "operations.POST /v1/charges.retry.budget_window: the retry budget is shared by all operations; set it in retry",
+    ]
+    assert config_from_dict({"retry": {"budget_ratio": 0.5}}).retry.budget_ratio == 0.5
+
+
+def test_operation_breaker_cannot_require_several_operations():
+    """min_failing_operations above 1 would keep an operation's breaker shut forever: rejected; fine on host_breaker."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"breaker": {"min_failing_operations": 2}, "operations": {"GET /v1/balance": {"breaker": {"min_failing_operations": 3}}}})
+    assert info.value.problems == [
+        "breaker.min_failing_operations: 2 would keep an operation's breaker from ever opening; it applies to host_breaker only",
+        "operations.GET /v1/balance.breaker.min_failing_operations: 3 would keep an operation's breaker from ever opening; it applies to host_breaker only",
+    ]
+    assert config_from_dict({"host_breaker": {"min_failing_operations": 5}}).host_breaker.min_failing_operations == 5
