@@ -53,7 +53,7 @@ async def test_bad_requests_are_refused_and_never_forwarded(raw_upstream, make_s
     """Each malformed, ambiguous or non-Stripe request gets its error and reaches no upstream."""
     up = await raw_upstream(lambda r: OK)
     sc = await make_sidecar(up.url)
-    answers, closed = await exchange(sc.port, raw)
+    answers, closed = await exchange(sc.port, raw, check_closed=True)
     assert answers, "no answer"
     a = answers[0]
     assert a.status == status
@@ -70,7 +70,7 @@ async def test_oversized_headers_get_431(raw_upstream, make_sidecar):
     up = await raw_upstream(lambda r: OK)
     sc = await make_sidecar(up.url, server={"max_header_bytes": 2048})
     raw = b"GET /v1/customers HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n"
-    answers, closed = await exchange(sc.port, raw)
+    answers, closed = await exchange(sc.port, raw, check_closed=True)
     _assert_stripe_error(answers[0], 431, "sidecar_headers_too_large")
     assert closed and up.received == []
 
