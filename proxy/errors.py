@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 
 from proxy.classify import TransportError
+from proxy.log import redact
 
 __all__ = ["ClientGone", "ConfigError", "SidecarError", "UpstreamError", "error_body"]
 
@@ -60,8 +61,11 @@ class UpstreamError(SidecarError):
 
 
 def error_body(code: str, message: str, *, type_: str = "api_error") -> bytes:
-    """Render a Stripe-shaped error body for an answer the sidecar produces itself."""
+    """Render a Stripe-shaped error body for an answer the sidecar produces itself.
+
+    The message may quote what the client sent (a path, a parse error): keys in it are masked.
+    """
     return json.dumps(
-        {"error": {"type": type_, "code": f"sidecar_{code}", "message": message}},
+        {"error": {"type": type_, "code": f"sidecar_{code}", "message": redact(message)}},
         separators=(",", ":"),
     ).encode()

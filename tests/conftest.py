@@ -41,6 +41,7 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
         sleep: Any = None,
         rand: Any = None,
         observers: Any = None,
+        clock: Any = None,
         **sections: Any,
     ) -> Sidecar:
         data = _merge(
@@ -53,10 +54,12 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
         )
         extra = {
             k: v
-            for k, v in (("sleep", sleep), ("rand", rand), ("observers", observers))
+            for k, v in (("sleep", sleep), ("rand", rand), ("observers", observers), ("clock", clock))
             if v is not None
         }
-        sidecar = Sidecar(config_from_dict(data), log_stream=io.StringIO(), **extra)
+        stream = io.StringIO()
+        sidecar = Sidecar(config_from_dict(data), log_stream=stream, **extra)
+        sidecar.log_stream = stream  # type: ignore[attr-defined]
         await sidecar.start()
         sidecar.url = f"http://127.0.0.1:{sidecar.port}"  # type: ignore[attr-defined]
         started.append(sidecar)
