@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -141,3 +142,24 @@ async def test_secrets_never_reach_logs_metrics_or_errors(raw_upstream, make_sid
     assert '"event":"request"' in logs
     assert secret.decode() not in logs
     assert "cus_1" not in logs  # raw IDs never become labels or log fields
+
+
+async def test_keys_quoted_back_in_errors_and_logs_are_redacted(raw_upstream, make_sidecar):
+    """A key the client put in a path is masked in the sidecar's error body, its metrics and its
+    logs; Bearer/Basic values in a logged error too (fails with redaction turned off)."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url)
+    answers, _ = await exchange(sc.port, b"GET /sk_test_51SuperSecretKeyValue HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answers[0].status == 404
+    assert answers[0].json() == {"error": {
+        "type": "invalid_request_error",
+        "code": "sidecar_not_a_stripe_path",
+        "message": "Unrecognized request URL (GET: /sk_test_[redacted]). The sidecar forwards only Stripe API paths (/v1/, /v2/, /oauth/).",
+    }}
+    metrics, _ = await exchange(sc.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"SuperSecret" not in metrics[0].body
+    sc.log.event("internal_error", "error", error="AuthenticationError('rk_live_51Abc', 'Authorization: Basic c2tfdGVzdF8xMjM6', 'Bearer sk_test_9xyz')")
+    sc.log.flush()
+    line = sc.log_stream.getvalue().splitlines()[-1]
+    assert json.loads(line)["error"] == "AuthenticationError('rk_live_[redacted]', 'Authorization: Basic [redacted]', 'Bearer [redacted]')"
+    assert "SuperSecret" not in sc.log_stream.getvalue()

@@ -394,7 +394,9 @@ async def test_retries_off_is_a_transparent_proxy(raw_upstream, make_sidecar):
     )
     answers, _ = await exchange(sc.port, POST)
     assert answers[0].status == 503
+    assert answers[0].body == b"<h1>overload</h1>"  # the upstream's page, not a sidecar error
     assert answers[0].header("Stripe-Should-Retry") is None
+    assert len(up.received) == 1
     assert up.received[0].header("Idempotency-Key") is None
 
 
