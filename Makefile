@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,19 @@ demo: $(VENV)/.installed
 	$(BIN)/stripe-sidecar demo
 
 test: lint tests/node/node_modules/.package-lock.json
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --random-order-bucket=global
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests
 	$(BIN)/mypy
+
+# Mutation testing of the pure decision core against the fast unit tests (not part of `make test`);
+# survivors judged equivalent are listed in tests/unit/MUTANTS.md.
+mutation: $(VENV)/.installed-test
+	$(BIN)/python -m pip install --quiet -e '.[mutation]'
+	rm -rf mutants
+	nice -n 15 $(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
 
 # Benchmarks need Envoy (PyPI wheel), wrk and nginx (Debian); see bench/README.md.
 bench: $(VENV)/.installed-test
@@ -39,4 +47,4 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache mutants
