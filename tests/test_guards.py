@@ -245,5 +245,6 @@ async def test_log_level_warning_drops_info_events_and_the_access_log(raw_upstre
     )
     answers, _ = await exchange(sc.port, GET)
     assert answers[0].header("Sidecar-Attempts") == b"2"
-    lines = logged(sc)
-    assert [(line["level"], line["event"]) for line in lines] == [("warning", "breaker_open")]
+    written = [(line["level"], line["event"]) for line in logged(sc)]
+    assert ("warning", "breaker_open") in written
+    assert {level for level, _ in written} <= {"warning", "error"}, written

@@ -125,8 +125,8 @@ async def test_sigterm_drains_then_answers_held_requests_503_with_their_keys(tmp
         sc = Sidecar(tmp_path, sim.url, {"drain_period": 3.0, "shutdown_grace": 5.0})
         try:
             await sc.started()
-            own = asyncio.create_task(exchange(sc.port, _create_customer(b"app-key-1"), timeout=30))
-            injected = asyncio.create_task(exchange(sc.port, _create_customer(None), timeout=30))
+            own = asyncio.create_task(exchange(sc.port, _create_customer(b"app-key-1"), timeout=30, check_closed=True))
+            injected = asyncio.create_task(exchange(sc.port, _create_customer(None), timeout=30, check_closed=True))
             await _poll(lambda: _eq(_in_flight(sc.port), 2), "both POSTs in flight")
             sc.proc.send_signal(signal.SIGTERM)
             await _poll(lambda: _ready_is(sc.port, 503), "/ready 503", timeout=2.0)

@@ -98,7 +98,7 @@ async def test_a_streamed_answer_cut_midway_is_never_recorded_as_a_success(raw_u
     up = await raw_upstream(cut)
     seen = Recorder()
     sc = await make_sidecar(up.url, observers=[seen])
-    _, closed = await exchange(sc.port, GET_FILE, timeout=10)
+    _, closed = await exchange(sc.port, GET_FILE, timeout=10, check_closed=True)
     assert closed
     deadline = asyncio.get_running_loop().time() + 5
     while not seen.requests:
