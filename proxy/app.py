@@ -17,7 +17,7 @@ from proxy.config import Config, config_warnings, parse_listen
 from proxy.fdlimit import FdPlan, plan_connections, raise_nofile_limit
 from proxy.forward import Forwarder
 from proxy.log import Logger
-from proxy.metrics import Metrics
+from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.observers import AccessLog, MetricsRecorder
 from proxy.records import Observer
 from proxy.server import ClientConnection, Request, Server, ShutdownReport
@@ -160,8 +160,11 @@ class Sidecar:
         assert self.forwarder is not None
         return self.forwarder.forward(request, conn)
 
-    def operator(self, request: Request, path: str) -> bytes | None:
-        """Answer /health, /ready and /metrics (a HEAD gets the head alone)."""
+    def operator(self, request: Request, path: str) -> bytes | Awaitable[bytes] | None:
+        """Answer /health, /ready and /metrics (a HEAD gets the head alone).
+
+        /metrics is answered later (an awaitable): it is rendered off the event loop.
+        """
         if request.method not in ("GET", "HEAD"):
             return _json_answer(
                 405,
@@ -173,6 +176,8 @@ class Sidecar:
                     }
                 },
             )
+        if path == "/metrics":
+            return self._metrics_answer(head_only=request.method == "HEAD")
         answer = self._operator(path)
         if answer is not None and request.method == "HEAD":
             answer = answer[: answer.index(b"\r\n\r\n") + 4]
@@ -192,14 +197,26 @@ class Sidecar:
             stopping = self.server is None or self.server.stopping
             payload = {"ready": not stopping, "breakers": self._breaker_summary()}
             return _json_answer(503 if stopping else 200, payload)
-        if path == "/metrics":
-            self._refresh_gauges()
-            body = self.metrics.render()
-            return (
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-                b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
-            )
         return None
+
+    async def _metrics_answer(self, *, head_only: bool) -> bytes:
+        """The /metrics answer, rendered in a worker thread so requests keep flowing meanwhile."""
+        self._refresh_gauges()
+        try:
+            body = await self.metrics.render_async()
+        except Exception as exc:  # a broken collector must not leave the scraper hanging
+            self.log.event("metrics_failed", level="error", error=type(exc).__name__)
+            error = {
+                "type": "api_error",
+                "code": "sidecar_metrics_failed",
+                "message": "The sidecar could not render its metrics; see its log.",
+            }
+            return _json_answer(503, {"error": error})
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (
+            CONTENT_TYPE.encode(),
+            len(body),
+        )
+        return head if head_only else head + body
 
     def _refresh_gauges(self) -> None:
         """Bring state that changes with time alone (limiter rates, breakers) up to now."""

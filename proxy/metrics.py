@@ -1,65 +1,84 @@
 """Prometheus metrics, every one registered on the registry it is given.
 
-Labels are bounded: operation templates (``POST /v1/customers/{id}``), outcome names, status
-classes, breaker scopes. Never IDs, keys or raw paths.
+Labels are bounded: operation names (``POST /v1/customers/{customer}``, see :mod:`proxy.routes`),
+outcome names, status classes, breaker scopes. Never IDs, keys or raw paths.
 
-The families touched by every request (requests, request duration, attempts, attempt duration,
-injected keys) and the in-flight gauge are plain counters kept per operation and turned into metric
-families only when scraped (:class:`_HotCollector`): the hot path pays an integer increment and a
-bisect, not a lock and a label look-up. Everything rarer uses prometheus_client's own types.
+Every family is one of prometheus_client's own types. The hot path never looks a label up: each
+operation's children are resolved once (:class:`OperationMetrics`), and the in-flight gauge reads a
+plain integer the pipeline keeps (``Metrics.in_flight``) only when scraped. Rendering is safe from a
+worker thread (prometheus_client guards its values with locks), which is how ``/metrics`` keeps
+the event loop free (:meth:`Metrics.render_async`).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterator
+import asyncio
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.exposition import generate_latest
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["Metrics", "OperationMetrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "OperationMetrics"]
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_BUCKET_LABELS = [str(b) for b in _LATENCY_BUCKETS] + ["+Inf"]
+# The exposition format generate_latest writes, as the library names it.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 _NS = "stripe_sidecar"
-
-
-class _Histogram:
-    """Bucket counts and a sum, observed without locks (the event loop is single-threaded)."""
-
-    __slots__ = ("counts", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        """Count one observation."""
-        self.counts[bisect_left(_LATENCY_BUCKETS, value)] += 1
-        self.total += value
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative buckets in Prometheus' form."""
-        out: list[tuple[str, float]] = []
-        running = 0
-        for label, count in zip(_BUCKET_LABELS, self.counts, strict=True):
-            running += count
-            out.append((label, running))
-        return out
 
 
 class Metrics:
     """All of the sidecar's metric families."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # No `_created` series: a timestamp per child, a seventh more series to scrape, and
+        # nothing we use (a process-wide switch of the library; every registry here wants it).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         ns = _NS
         self._ops: dict[str, OperationMetrics] = {}
-        self.in_flight = 0  # client requests being handled now (exported by the collector)
-        registry.register(_HotCollector(self))
+        self._rendering: asyncio.Future[bytes] | None = None
+        self.in_flight = 0  # client requests being handled now (read by the gauge when scraped)
+        self.requests = Counter(
+            f"{ns}_requests",
+            "Client requests answered, by operation, method, status class and final outcome.",
+            ["operation", "method", "status_class", "outcome"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            f"{ns}_request_duration_seconds",
+            "Time from a client request's head to its answer, retries and waits included.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.attempts = Counter(
+            f"{ns}_upstream_attempts",
+            "Attempts sent to Stripe, by operation and the outcome of each.",
+            ["operation", "outcome"],
+            registry=registry,
+        )
+        self.attempt_duration = Histogram(
+            f"{ns}_upstream_attempt_duration_seconds",
+            "Latency of each attempt to Stripe, until the answer's head (or failure).",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.keys_injected = Counter(
+            f"{ns}_idempotency_keys_injected",
+            "POSTs that arrived without an Idempotency-Key and got one from the sidecar.",
+            ["operation"],
+            registry=registry,
+        )
+        in_flight = Gauge(
+            f"{ns}_in_flight_requests", "Client requests being handled now.", registry=registry
+        )
+        in_flight.set_function(lambda: self.in_flight)
+        self._rare(registry)
+
+    def _rare(self, registry: CollectorRegistry) -> None:
+        """Families touched only on retries, refusals, breaker and limiter changes."""
+        ns = _NS
         self.retries = Counter(
             f"{ns}_retries",
             "Retries made, by operation and the outcome that caused them.",
@@ -122,46 +141,65 @@ class Metrics:
         return found
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of everything registered."""
+        """The Prometheus text exposition of everything registered (blocks while it runs)."""
         return generate_latest(self.registry)
+
+    async def render_async(self) -> bytes:
+        """:meth:`render` in a worker thread; concurrent scrapes share one rendering."""
+        pending = self._rendering
+        if pending is None:
+            pending = self._rendering = asyncio.ensure_future(asyncio.to_thread(self.render))
+            pending.add_done_callback(self._rendered)
+        return await asyncio.shield(pending)
+
+    def _rendered(self, _: asyncio.Future[bytes]) -> None:
+        self._rendering = None
 
 
 class OperationMetrics:
-    """Counts for one operation: plain numbers on the hot path, labels only when scraped."""
+    """One operation's metric children, resolved once so the hot path only counts."""
 
     __slots__ = (
+        "_attempt_seconds",
+        "_attempts",
+        "_keys_injected",
         "_m",
+        "_method",
         "_operation",
-        "attempt_duration",
-        "attempts",
-        "keys_injected",
-        "method",
-        "request_duration",
-        "requests",
+        "_request_seconds",
+        "_requests",
     )
 
     def __init__(self, metrics: Metrics, operation: str) -> None:
         self._m = metrics
         self._operation = operation
-        self.method = operation.split(" ", 1)[0]
-        self.requests: dict[tuple[int, str], int] = {}
-        self.attempts: dict[str, int] = {}
-        self.keys_injected = 0
-        self.request_duration = _Histogram()
-        self.attempt_duration = _Histogram()
+        self._method = operation.split(" ", 1)[0]
+        # Children keyed by the labels that vary per call, made on first use.
+        self._requests: dict[tuple[int, str], Counter] = {}
+        self._attempts: dict[str, Counter] = {}
+        self._keys_injected: Counter | None = None  # only POSTs get keys: no 0 series for GETs
+        self._request_seconds = metrics.request_duration.labels(operation).observe
+        self._attempt_seconds = metrics.attempt_duration.labels(operation).observe
 
     def request(self, status: int, outcome: str, duration: float) -> None:
         """Count one answered client request."""
         key = (status // 100, outcome)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        self.request_duration.observe(duration)
+        child = self._requests.get(key)
+        if child is None:
+            status_class = _STATUS_CLASS.get(key[0], "other")
+            child = self._requests[key] = self._m.requests.labels(
+                self._operation, self._method, status_class, outcome
+            )
+        child.inc()
+        self._request_seconds(duration)
 
     def attempt(self, outcome: str, duration: float) -> None:
         """Count one attempt to Stripe."""
-        attempts = self.attempts
-        attempts[outcome] = attempts.get(outcome, 0) + 1
-        self.attempt_duration.observe(duration)
+        child = self._attempts.get(outcome)
+        if child is None:
+            child = self._attempts[outcome] = self._m.attempts.labels(self._operation, outcome)
+        child.inc()
+        self._attempt_seconds(duration)
 
     def retry(self, outcome: str) -> None:
         """Count a retry caused by ``outcome``."""
@@ -177,78 +215,12 @@ class OperationMetrics:
 
     def key_injected(self) -> None:
         """Count an injected Idempotency-Key."""
-        self.keys_injected += 1
+        child = self._keys_injected
+        if child is None:
+            child = self._keys_injected = self._m.keys_injected.labels(self._operation)
+        child.inc()
 
     def limiter_wait(self, seconds: float) -> None:
         """Count a wait for a rate-limit token."""
         self._m.limiter_waits.labels(self._operation).inc()
         self._m.limiter_wait_seconds.labels(self._operation).inc(seconds)
-
-
-class _HotCollector(Collector):
-    """Turns the per-operation counts into metric families at scrape time."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._m = metrics
-
-    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
-        """The families this collector owns (so the registry can refuse duplicates)."""
-        return self._families(with_samples=False)
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
-        """The current values."""
-        return self._families(with_samples=True)
-
-    def _families(
-        self, *, with_samples: bool
-    ) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
-        requests = CounterMetricFamily(
-            f"{_NS}_requests",
-            "Client requests answered, by operation, method, status class and final outcome.",
-            labels=["operation", "method", "status_class", "outcome"],
-        )
-        request_duration = HistogramMetricFamily(
-            f"{_NS}_request_duration_seconds",
-            "Time from a client request's head to its answer, retries and waits included.",
-            labels=["operation"],
-        )
-        attempts = CounterMetricFamily(
-            f"{_NS}_upstream_attempts",
-            "Attempts sent to Stripe, by operation and the outcome of each.",
-            labels=["operation", "outcome"],
-        )
-        attempt_duration = HistogramMetricFamily(
-            f"{_NS}_upstream_attempt_duration_seconds",
-            "Latency of each attempt to Stripe, until the answer's head (or failure).",
-            labels=["operation"],
-        )
-        keys = CounterMetricFamily(
-            f"{_NS}_idempotency_keys_injected",
-            "POSTs that arrived without an Idempotency-Key and got one from the sidecar.",
-            labels=["operation"],
-        )
-        in_flight = GaugeMetricFamily(
-            f"{_NS}_in_flight_requests", "Client requests being handled now."
-        )
-        if with_samples:
-            for name, op in sorted(self._m._ops.items()):
-                for (cls, outcome), count in sorted(op.requests.items()):
-                    status_class = _STATUS_CLASS.get(cls, "other")
-                    requests.add_metric([name, op.method, status_class, outcome], count)
-                for outcome, count in sorted(op.attempts.items()):
-                    attempts.add_metric([name, outcome], count)
-                if op.keys_injected:
-                    keys.add_metric([name], op.keys_injected)
-                for family, hist in (
-                    (request_duration, op.request_duration),
-                    (attempt_duration, op.attempt_duration),
-                ):
-                    if any(hist.counts):
-                        family.add_metric([name], hist.buckets(), hist.total)
-            in_flight.add_metric([], self._m.in_flight)
-        yield requests
-        yield request_duration
-        yield attempts
-        yield attempt_duration
-        yield keys
-        yield in_flight

@@ -75,7 +75,6 @@ class OperationTable:
         self._known = frozenset(ops)
         _set_paths(self.root)
 
-
     def _add(self, method: str, template: str) -> None:
         node = self.root
         for seg in template.strip("/").split("/"):

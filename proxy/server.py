@@ -206,8 +206,8 @@ class Handler(Protocol):
         """Send a Stripe API request upstream and answer the client."""
         ...
 
-    def operator(self, request: Request, path: str) -> bytes | None:
-        """Answer an operator endpoint (``/health``...), or None if ``path`` is not one."""
+    def operator(self, request: Request, path: str) -> bytes | Awaitable[bytes] | None:
+        """Answer an operator endpoint (``/health``...), now or later, or None if not one."""
         ...
 
 
@@ -726,13 +726,19 @@ class ClientConnection(asyncio.Protocol):
             self.resume_reading()
         if req.path in self._server.operator_paths:
             answer = self._server.handler.operator(req, req.path)
-            if answer is not None:
+            if isinstance(answer, bytes):
                 self.finish(answer, keep_alive=req.keep_alive)
+                return
+            if answer is not None:  # made off the event loop (/metrics): finish when ready
+                self._server.track(self._loop.create_task(self._finish_later(answer, req)))
                 return
         if self.overloaded:
             self.finish(self._server.overloaded_answer, keep_alive=False)
             return
         self._server.track(self._loop.create_task(self._server.forward(req, self)))
+
+    async def _finish_later(self, answer: Awaitable[bytes], req: Request) -> None:
+        self.finish(await answer, keep_alive=req.keep_alive)
 
     # -- answering (used by the pipeline) ------------------------------------------------------
     def _write(self, data: bytes) -> None:

@@ -110,3 +110,54 @@ async def test_ready_turns_503_when_draining(raw_upstream, make_sidecar):
     assert await stopping is True
     assert ready[0].status == 503 and ready[0].json() == {"ready": False, "breakers": {}}
     assert served[0].status == 200
+
+
+async def test_a_slow_scrape_never_holds_up_a_stripe_request(raw_upstream, make_sidecar):
+    """While /metrics is rendering (held on purpose), a Stripe request is answered; the scrape then completes and parses."""
+    import threading
+
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url)
+    await exchange(sc.port, b"GET /v1/customers/cus_abcdef HTTP/1.1\r\nHost: x\r\n\r\n")
+    entered, gate = threading.Event(), threading.Event()
+
+    class HeldCollector:
+        def collect(self):
+            entered.set()
+            gate.wait(20)  # synchronous on purpose: a render on the event loop would freeze it
+            return []
+
+    sc.registry.register(HeldCollector())
+    try:
+        scrape = asyncio.create_task(exchange(sc.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", timeout=30))
+        assert await asyncio.to_thread(entered.wait, 10)
+        answers, _ = await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+        assert answers[0].status == 200
+        assert not scrape.done()
+    finally:
+        gate.set()
+    answers, _ = await scrape
+    assert answers[0].status == 200
+    assert answers[0].header("Content-Type") == CONTENT_TYPE_LATEST.encode()
+    families = {f.name: f for f in text_string_to_metric_families(answers[0].body.decode())}
+    requests = {s.labels["operation"]: s.value for s in families["stripe_sidecar_requests"].samples if s.name.endswith("_total")}
+    assert requests["GET /v1/customers/{customer}"] == 1
+    assert "stripe_sidecar_in_flight_requests" in families
+    assert "stripe_sidecar_upstream_attempt_duration_seconds" in families
+
+
+async def test_head_metrics_has_the_length_of_the_body_and_no_body(raw_upstream, make_sidecar):
+    """HEAD /metrics answers the head alone (the next answer follows at once) with a body length."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url)
+    reader, writer = await open_raw(sc.port)
+    writer.write(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        first = await reader.readuntil(b"\r\n\r\n")
+        second = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200")
+    length = next(line for line in first.split(b"\r\n") if line.startswith(b"Content-Length:"))
+    assert int(length.split(b":")[1]) > 0
