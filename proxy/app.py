@@ -20,6 +20,7 @@ from proxy.log import Logger
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.observers import AccessLog, MetricsRecorder
 from proxy.records import Observer
+from proxy.replies import reason_phrase
 from proxy.server import ClientConnection, Request, Server, ShutdownReport
 
 __all__ = ["EXIT_UNFINISHED", "Sidecar", "serve"]
@@ -32,7 +33,7 @@ OPERATOR_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 def _json_answer(status: int, payload: object, *, keep_alive: bool = True) -> bytes:
     body = json.dumps(payload, separators=(",", ":")).encode()
-    reason = {200: b"OK", 405: b"Method Not Allowed"}.get(status, b"Service Unavailable")
+    reason = reason_phrase(status)
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
         b"Content-Length: %d\r\n\r\n%b" % (status, reason, len(body), body)
@@ -96,6 +97,8 @@ class Sidecar:
             max_connections=plan.max_connections,
             overflow=plan.overflow,
             on_overload=self.metrics.connections_over_bound.inc,
+            body_timeout=s.body_timeout,
+            body_deadline=s.body_deadline,
         )
         self.server.forward = self.forwarder.forward  # skip this class's indirection per request
         host, port = parse_listen(s.listen)

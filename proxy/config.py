@@ -50,6 +50,10 @@ class ServerSettings:
     max_header_bytes: int = 16384
     max_body_bytes: int = 64 << 20
     header_timeout: float = 10.0
+    # A request body must keep arriving (seconds between bytes) and be complete within
+    # body_deadline: 300 s carries a 64 MiB upload at 0.22 MB/s (about 1.8 Mbit/s).
+    body_timeout: float = 10.0
+    body_deadline: float = 300.0
     idle_timeout: float = 75.0
     # None: derived from the file-descriptor limit at start (see proxy.fdlimit).
     max_connections: int | None = None
@@ -164,6 +168,8 @@ _POSITIVE = {
     "max_header_bytes",
     "max_body_bytes",
     "header_timeout",
+    "body_timeout",
+    "body_deadline",
     "idle_timeout",
     "connect_timeout",
     "max_idle_per_host",

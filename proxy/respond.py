@@ -14,7 +14,8 @@ import math
 from typing import TYPE_CHECKING
 
 from proxy.classify import Outcome
-from proxy.server import ClientConnection, error_response
+from proxy.replies import error_response
+from proxy.server import ClientConnection
 from proxy.upstream import Connection, Response
 
 if TYPE_CHECKING:
@@ -188,6 +189,13 @@ class Responder:
     # -- the sidecar's own answers --------------------------------------------------------------
     def failure(self, call: Call, client_caused: bool, detail: str) -> None:
         """No usable answer came from Stripe (or the client stalled its body)."""
+        source = call.req.source
+        if client_caused and source is not None and source.refusal is not None:
+            # The door refused the body mid-stream (framing, size, stall): its answer, once.
+            call.conn.finish(source.refusal, keep_alive=False)
+            call.status = source.refusal_status
+            call.outcome = call.verdict.outcome
+            return
         type_ = "api_error"
         settled = call.settled
         if client_caused:

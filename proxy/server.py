@@ -1,49 +1,30 @@
 """The accept stage: an asyncio protocol that reads HTTP/1.1 requests with httptools (llhttp).
 
-It is strict at the door: only origin-form targets under Stripe's API prefixes (or the operator
-endpoints) get in; ambiguous framing, oversized heads and bodies, slow heads and dot segments are
-answered here with a Stripe-shaped error and never forwarded. Everything else becomes a
+It is strict at the door: the checks themselves are the pure functions of ``proxy.door``
+(versions, CONNECT, absolute targets, the path allowlist, dot segments and their encodings,
+ambiguous framing); this module applies them while parsing, bounds what a client can make it
+hold (heads and trailers by ``max_header_bytes`` even while a line is incomplete, bodies by
+``max_body_bytes``, answers not yet taken by the client by the transport's high-water mark) and
+how long a client may stall (head, body, keep-alive idle). Everything else becomes a
 :class:`Request` handed to the pipeline (``proxy.forward``), which answers through the
-connection's ``respond``/``start_stream`` methods.
+connection's ``finish``/``start_stream`` methods, in order, one request at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import httptools
 
-from proxy.errors import ClientGone, error_body
+from proxy import door
+from proxy.errors import ClientGone
+from proxy.replies import error_response
 
-__all__ = [
-    "ClientConnection",
-    "Handler",
-    "Request",
-    "Server",
-    "ShutdownReport",
-    "error_response",
-]
-
-_STATUS_TEXT = {
-    100: b"Continue",
-    200: b"OK",
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
+__all__ = ["BodyStream", "ClientConnection", "Handler", "Request", "Server", "ShutdownReport"]
 
 # Request headers that describe one hop (RFC 9110 7.6.1) or that the sidecar sets itself.
 _DROP = frozenset(
@@ -80,31 +61,15 @@ _PASS_EXACT = frozenset(
 # its Idempotency-Key here would be retried without one.
 _END_TO_END = frozenset({b"idempotency-key", b"authorization", b"content-type"})
 _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b""})
-_API_PREFIXES = ("/v1/", "/v2/", "/oauth/")
-# Dot segments (raw or percent-encoded), encoded slashes/backslashes, NUL, backslash: a target
-# that a server behind Stripe's edge could normalise into somewhere else is refused outright.
-_UNSAFE_PATH = re.compile(
-    r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)|%2f|%5c|%00|\\|[\x00-\x20\x7f]", re.IGNORECASE
-)
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    *,
-    type_: str = "api_error",
-    extra: bytes = b"",
-    close: bool = False,
-) -> bytes:
-    """A complete HTTP/1.1 answer carrying a Stripe-shaped error body."""
-    body = error_body(code, message, type_=type_)
-    reason = _STATUS_TEXT.get(status, b"Error")
-    conn = b"Connection: close\r\n" if close else b""
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b%b\r\n%b"
-        % (status, reason, len(body), extra, conn, body)
-    )
+# What the connection's one deadline currently means.
+_NO_DEADLINE, _HEAD, _IDLE, _BODY, _LINGER = 0, 1, 2, 3, 4
+# After the last answer on a connection whose client may still be sending (a refusal, a stray
+# byte after a closing request), the sidecar half-closes and reads (discarding) for up to this
+# long before closing: closing with unread input makes the kernel send a reset, which can
+# destroy the answer before the client reads it (nginx's lingering close; it waits 5 s).
+_LINGER_SECONDS = 2.0
 
 
 class Request:
@@ -143,7 +108,13 @@ class Request:
 
 
 class BodyStream:
-    """A request body forwarded while it arrives; pauses the client when it runs ahead."""
+    """A request body forwarded while it arrives; pauses the client when it runs ahead.
+
+    If the door refuses the body mid-stream (bad chunk framing, over ``max_body_bytes``, the
+    client stalled), :meth:`fail` records the ready answer in ``refusal`` (and its status in
+    ``refusal_status``): the reader sees :class:`~proxy.errors.ClientGone`, abandons its upstream
+    attempt, and the pipeline writes that answer, once and in order.
+    """
 
     _HIGH = 256 * 1024
 
@@ -154,14 +125,18 @@ class BodyStream:
         self._size = 0
         self._done = False
         self._failed = False
+        self._full = False
         self._waiter: asyncio.Future[None] | None = None
+        self.refusal: bytes | None = None
+        self.refusal_status = 0
 
     def feed(self, chunk: bytes) -> None:
         """Called by the parser with the next piece."""
         self._parts.append(chunk)
         self._size += len(chunk)
-        if self._size > self._HIGH:
-            self._conn.pause_reading()
+        if self._size > self._HIGH and not self._full:
+            self._full = True
+            self._conn.body_backlog(True)
         self._wake()
 
     @property
@@ -174,6 +149,12 @@ class BodyStream:
         self._done = True
         self._failed = failed
         self._wake()
+
+    def fail(self, answer: bytes, status: int) -> None:
+        """The door refused the rest of this body; ``answer`` is what the client must get."""
+        self.refusal = answer
+        self.refusal_status = status
+        self.finish(failed=True)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -194,8 +175,9 @@ class BodyStream:
             await self._waiter
         chunk = self._parts.popleft()
         self._size -= len(chunk)
-        if self._size <= self._HIGH // 2:
-            self._conn.resume_reading()
+        if self._full and self._size <= self._HIGH // 2:
+            self._full = False
+            self._conn.body_backlog(False)
         return chunk
 
 
@@ -214,8 +196,16 @@ class Handler(Protocol):
 class _Reject(Exception):
     """Raised inside a parser callback to refuse the request with a ready answer."""
 
-    def __init__(self, answer: bytes) -> None:
+    def __init__(self, answer: bytes, status: int) -> None:
         self.answer = answer
+        self.status = status
+
+
+def _refusal(r: door.Refusal) -> _Reject:
+    return _Reject(
+        error_response(r.status, r.code, r.message, type_="invalid_request_error", close=True),
+        r.status,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +240,8 @@ class Server:
         header_timeout: float,
         idle_timeout: float,
         operator_paths: frozenset[str],
+        body_timeout: float = 10.0,
+        body_deadline: float = 300.0,
         max_connections: int = 1 << 30,
         overflow: int = 64,
         on_overload: Callable[[], None] | None = None,
@@ -265,6 +257,10 @@ class Server:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.operator_paths = operator_paths
+        self.body_timeout = body_timeout
+        self.body_deadline = body_deadline
+        # A chunk header (possibly the last one, before trailers) must be followed in time.
+        self.trailer_timeout = min(header_timeout, body_timeout)
         self.max_connections = max_connections
         self.overflow = overflow
         self._on_overload = on_overload
@@ -435,20 +431,27 @@ class ClientConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self._req: Request | None = None
+        self._req: Request | None = None  # the request being parsed
+        self._current: Request | None = None  # the request being answered
         self._url = b""
-        self._head_bytes = 0
+        self._head_bytes = 0  # head (or, after it, trailer) bytes seen by the callbacks
+        self._stalled_bytes = 0  # bytes fed since a callback last saw any progress
         self._body_bytes = 0
         self._body_parts: list[bytes] = []
-        self._hop_names: set[bytes] = set()
+        self._in_trailers = False
+        self._hop_names: set[bytes] | None = None
         self._queue: collections.deque[Request] = collections.deque()
         self._pending_refusal: bytes | None = None
         # One deadline per connection, checked by the server's sweeper: cheaper than a timer
-        # handle created and cancelled for every request.
+        # handle created and cancelled for every request. ``_deadline_kind`` says which one.
         self.deadline = 0.0  # loop time; 0 = none
-        self._deadline_idle = False  # the deadline is the keep-alive idle one, not the head one
+        self._deadline_kind = _NO_DEADLINE
+        self._body_by = 0.0  # loop time by which the body being read must be complete
         self._reading_paused = False
         self._write_paused = False
+        self._body_full = False  # the streamed body being read is not consumed fast enough
+        self._input_done = False  # read no more: the last request was read, or refused
+        self._eof = False  # the client half-closed
         self._streaming: Any = None
         self.busy = False
         self.closed = False
@@ -461,42 +464,70 @@ class ClientConnection(asyncio.Protocol):
         if not self._server.admit(self):
             return
         self.deadline = self._loop.time() + self._server.header_timeout
+        self._deadline_kind = _HEAD
 
     def data_received(self, data: bytes) -> None:
+        if self._input_done:
+            return  # after a closing request or a refusal nothing more is read
+        req = self._req
+        seen = self._head_bytes + self._body_bytes
         try:
             self._parser.feed_data(data)
         except _Reject as rej:
-            self._refuse(rej.answer)
+            self._refuse(rej.answer, rej.status)
+            return
         except httptools.HttpParserUpgrade:
-            self._refuse(
-                error_response(
-                    400,
-                    "upgrade_refused",
-                    "Protocol upgrades are not supported.",
-                    type_="invalid_request_error",
-                    close=True,
-                )
-            )
+            self._refuse(*_upgrade_refused())
+            return
         except httptools.HttpParserError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _Reject):
-                self._refuse(cause.answer)
-                return
-            self._refuse(
-                error_response(
-                    400,
-                    "malformed_request",
-                    f"The request could not be parsed as HTTP/1.1: {exc}.",
-                    type_="invalid_request_error",
-                    close=True,
-                )
-            )
+            self._parse_error(exc)
+            return
+        if req is not None and req is self._req and self._head_bytes + self._body_bytes == seen:
+            # Nothing completed: httptools is holding a partial header or trailer line (or a
+            # chunk-size line). Count it, or a line that never ends would grow without bound.
+            self._stalled_bytes += len(data)
+            if self._stalled_bytes + self._head_bytes > self._server.max_header_bytes:
+                self._refuse(self._too_large_head(), 431)
+        else:
+            self._stalled_bytes = 0
+
+    def _parse_error(self, exc: httptools.HttpParserError) -> None:
+        cause = exc.__context__
+        if isinstance(cause, _Reject):
+            self._refuse(cause.answer, cause.status)
+            return
+        if self._input_done:
+            return  # bytes after a closing request: ignored, the answer still goes out
+        message = f"The request could not be parsed as HTTP/1.1: {exc}."
+        self._refuse(
+            error_response(
+                400, "malformed_request", message, type_="invalid_request_error", close=True
+            ),
+            400,
+        )
+
+    def eof_received(self) -> bool | None:
+        # A client may half-close once its request is sent (shutdown(SHUT_WR)): its answer is
+        # still written, then the connection closes. A request cut short is dropped.
+        self._eof = True
+        if self.closed:
+            return None  # lingering after the last answer: the client is done too
+        req, self._req = self._req, None
+        if req is not None and req.source is not None:
+            req.source.finish(failed=True)
+        self._input_done = True
+        if self._deadline_kind != _IDLE:
+            self.deadline, self._deadline_kind = 0.0, _NO_DEADLINE
+        if self.busy or self._queue:
+            return True  # keep the transport open for writing
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
         self._server.release(self)
         self.deadline = 0.0
+        self._deadline_kind = _NO_DEADLINE
         req = self._req
         if req is not None and req.source is not None:
             req.source.finish(failed=True)
@@ -512,7 +543,10 @@ class ClientConnection(asyncio.Protocol):
             self._server.connection_idle()
 
     def pause_writing(self) -> None:
+        # The client is not taking its answers: read nothing more and start no queued request
+        # until it does, so a client pipelining requests it never reads costs bounded memory.
         self._write_paused = True
+        self.pause_reading()
         if self._streaming is not None:
             self._streaming.conn.pause_reading()
 
@@ -524,6 +558,10 @@ class ClientConnection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
+        if not self.busy and self._queue and not self.closed:
+            self._start(self._queue.popleft())
+        else:
+            self._flow()
 
     # -- flow control -------------------------------------------------------------------------
     def pause_reading(self) -> None:
@@ -537,6 +575,26 @@ class ClientConnection(asyncio.Protocol):
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
+            if self._deadline_kind == _BODY:
+                self._arm_body(self._server.body_timeout)  # the pause was ours, not the client's
+
+    def body_backlog(self, full: bool) -> None:
+        """The streamed body being read is (or no longer is) too far ahead of its consumer."""
+        self._body_full = full
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read from the client unless something says stop."""
+        if self.closed:
+            return  # lingering (reading to discard) or gone
+        if self._write_paused or self._input_done or self._queue or self._body_full:
+            self.pause_reading()
+        else:
+            self.resume_reading()
+
+    def _arm_body(self, timeout: float) -> None:
+        self.deadline = min(self._body_by, self._loop.time() + timeout)
+        self._deadline_kind = _BODY
 
     # -- httptools callbacks --------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -545,22 +603,26 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._body_bytes = 0
         self._body_parts = []
-        if self._deadline_idle or not self.deadline:
+        self._in_trailers = False
+        self._hop_names = None
+        if self._deadline_kind != _HEAD:
             # Slowloris guard: the whole head must arrive within header_timeout (counted from
             # the connection's start for its first request).
             self.deadline = self._loop.time() + self._server.header_timeout
-            self._deadline_idle = False
+            self._deadline_kind = _HEAD
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_bytes += len(url)
         if self._head_bytes > self._server.max_header_bytes:
-            raise _Reject(self._too_large_head())
+            raise _Reject(self._too_large_head(), 431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._server.max_header_bytes:
-            raise _Reject(self._too_large_head())
+            raise _Reject(self._too_large_head(), 431)
+        if self._in_trailers:
+            return  # trailers never become headers, nor name hop-by-hop headers (dropped)
         req = self._req
         assert req is not None
         if name in _PASS_EXACT:  # what SDKs send, in the case they send it
@@ -568,23 +630,7 @@ class ClientConnection(asyncio.Protocol):
             return
         lname = name.lower()
         if lname in _DROP:
-            if lname == b"content-length":
-                if req.content_length is not None:
-                    raise _Reject(self._framing("more than one Content-Length"))
-                if not value.isdigit():
-                    raise _Reject(self._framing("a Content-Length that is not a number"))
-                req.content_length = int(value)
-            elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked" or req.chunked:
-                    raise _Reject(self._framing("a Transfer-Encoding other than one 'chunked'"))
-                req.chunked = True
-            elif lname == b"expect":
-                req.expect_continue = value.strip().lower() == b"100-continue"
-            elif lname == b"connection":
-                tokens = {t.strip() for t in value.lower().split(b",")} - _CONNECTION_OPTIONS
-                if tokens:
-                    # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-                    self._hop_names |= tokens - _END_TO_END
+            self._hop_header(req, lname, value)
             return
         if lname == b"idempotency-key":
             if not value.strip():
@@ -594,104 +640,86 @@ class ClientConnection(asyncio.Protocol):
             req.authorization = value
         req.head.append(name + b": " + value + b"\r\n")
 
+    def _hop_header(self, req: Request, lname: bytes, value: bytes) -> None:
+        if lname == b"content-length":
+            refusal = door.check_content_length(value, req.content_length)
+            if refusal is not None:
+                raise _refusal(refusal)
+            req.content_length = int(value)
+        elif lname == b"transfer-encoding":
+            refusal = door.check_transfer_encoding(value, req.chunked)
+            if refusal is not None:
+                raise _refusal(refusal)
+            req.chunked = True
+        elif lname == b"expect":
+            req.expect_continue = value.strip().lower() == b"100-continue"
+        elif lname == b"connection":
+            tokens = {t.strip() for t in value.lower().split(b",")} - _CONNECTION_OPTIONS
+            if tokens:
+                # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1), for this
+                # request only.
+                self._hop_names = (self._hop_names or set()) | (tokens - _END_TO_END)
+
     def on_headers_complete(self) -> None:
-        self.deadline = 0.0
         req = self._req
         assert req is not None
+        self._in_trailers = True
+        self._head_bytes = 0  # from here on it counts trailer bytes
         parser = self._parser
+        version = parser.get_http_version()
+        if version != "1.1":
+            refusal = door.check_version(version)
+            if refusal is not None:
+                raise _refusal(refusal)
+            req.http11 = False
         req.method = parser.get_method().decode("ascii")
         req.keep_alive = parser.should_keep_alive()
-        req.http11 = parser.get_http_version() != "1.0"
-        if req.chunked and req.content_length is not None:
-            raise _Reject(self._framing("both Content-Length and Transfer-Encoding"))
-        if self._hop_names:
-            hop = self._hop_names
+        hop = self._hop_names
+        if hop:
             req.head = [h for h in req.head if h.split(b":", 1)[0].lower() not in hop]
-            self._hop_names = set()
-        target = self._url
-        req.target = target
+        req.target = self._url
         server = self._server
-        if req.method == "CONNECT":
-            raise _Reject(
-                error_response(
-                    405,
-                    "method_not_allowed",
-                    "CONNECT is not supported: this is not an open proxy.",
-                    type_="invalid_request_error",
-                    close=True,
-                )
-            )
-        if not target.startswith(b"/"):
-            raise _Reject(
-                error_response(
-                    400,
-                    "absolute_target_refused",
-                    "Only origin-form request targets (/v1/...) are accepted: "
-                    "this is not an open proxy.",
-                    type_="invalid_request_error",
-                    close=True,
-                )
-            )
-        path = target.split(b"?", 1)[0].decode("latin-1")
-        req.path = path
-        if not path.startswith(_API_PREFIXES) and path not in server.operator_paths:
-            raise _Reject(
-                error_response(
-                    404,
-                    "not_a_stripe_path",
-                    f"Unrecognized request URL ({req.method}: {_printable(path)}). The sidecar "
-                    "forwards only Stripe API paths (/v1/, /v2/, /oauth/).",
-                    type_="invalid_request_error",
-                    close=True,
-                )
-            )
-        if not path.isprintable() or (
-            ("." in path or "%" in path or "\\" in path) and _UNSAFE_PATH.search(path)
-        ):
-            raise _Reject(
-                error_response(
-                    400,
-                    "unsafe_path",
-                    "The request path contains dot segments, encoded slashes or control "
-                    "characters, which are refused.",
-                    type_="invalid_request_error",
-                    close=True,
-                )
-            )
+        req.path = path = door.request_path(req.target)
+        refusal = door.check_target(req.method, path, server.operator_paths) or door.check_framing(
+            req.chunked, req.content_length, server.max_body_bytes
+        )
+        if refusal is not None:
+            raise _refusal(refusal)
         length = req.content_length
-        if length is not None and length > server.max_body_bytes:
-            raise _Reject(
-                error_response(
-                    413,
-                    "body_too_large",
-                    f"The request body ({length} bytes) exceeds the sidecar's limit of "
-                    f"{server.max_body_bytes} bytes.",
-                    type_="invalid_request_error",
-                    close=True,
-                )
-            )
+        if req.chunked or length:
+            self._body_by = self._loop.time() + server.body_deadline
+            self._arm_body(server.body_timeout)
+        else:
+            self.deadline, self._deadline_kind = 0.0, _NO_DEADLINE
         if req.chunked or (length is not None and length > server.max_buffered_body):
             # Too large (or of unknown size) to hold for a retry: forward while it arrives.
             req.source = BodyStream(self, req.chunked)
             self._enqueue(req)  # _start sends 100 Continue when it is this request's turn
         elif req.expect_continue and not self.busy and length:
-            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._write(_CONTINUE)
+
+    def on_chunk_header(self) -> None:
+        # Possibly the last chunk, with trailers to follow: they get the head's time limit.
+        self._arm_body(self._server.trailer_timeout)
 
     def on_body(self, chunk: bytes) -> None:
         self._body_bytes += len(chunk)
         req = self._req
         assert req is not None
-        if self._body_bytes > self._server.max_body_bytes:
+        server = self._server
+        if self._body_bytes > server.max_body_bytes:
             raise _Reject(
                 error_response(
                     413,
                     "body_too_large",
-                    "The request body exceeds the sidecar's limit of "
-                    f"{self._server.max_body_bytes} bytes.",
+                    f"The request body exceeds the sidecar's limit of {server.max_body_bytes} "
+                    "bytes.",
                     type_="invalid_request_error",
                     close=True,
-                )
+                ),
+                413,
             )
+        self._arm_body(server.body_timeout)  # a byte came: the client is not stalled
         if req.source is not None:
             req.source.feed(chunk)
         else:
@@ -701,7 +729,14 @@ class ClientConnection(asyncio.Protocol):
         req = self._req
         assert req is not None
         self._req = None
+        if self._deadline_kind == _BODY:
+            self.deadline, self._deadline_kind = 0.0, _NO_DEADLINE
+        if not req.keep_alive:
+            # Nothing after a closing request is read (a stray byte must not cancel its answer).
+            self._input_done = True
+            self.pause_reading()
         if req.source is not None:
+            self._body_full = False
             req.source.finish()
             return
         parts = self._body_parts
@@ -711,23 +746,30 @@ class ClientConnection(asyncio.Protocol):
 
     # -- dispatch ---------------------------------------------------------------------------
     def _enqueue(self, req: Request) -> None:
-        if self.busy:
+        if self.busy or self._write_paused:
+            # Pipelined, or the client has not taken earlier answers: hold the rest.
             self._queue.append(req)
-            self.pause_reading()  # pipelined: hold the rest until the earlier answers are out
+            self.pause_reading()
             return
         self._start(req)
 
     def _start(self, req: Request) -> None:
         self.busy = True
-        if req.source is not None and not req.source.done:
-            # Queued behind another request while reading was paused: read its body now.
-            if req.expect_continue:
-                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.resume_reading()
+        self._current = req
+        source = req.source
+        if source is not None:
+            if source.refusal is not None:  # refused at the door while it waited its turn
+                self.finish(source.refusal, keep_alive=False)
+                return
+            if not source.done:
+                # Queued behind another request while reading was paused: read its body now.
+                if req.expect_continue:
+                    self._write(_CONTINUE)
+                self._flow()
         if req.path in self._server.operator_paths:
             answer = self._server.handler.operator(req, req.path)
             if isinstance(answer, bytes):
-                self.finish(answer, keep_alive=req.keep_alive)
+                self.finish(answer, keep_alive=self.keeps_alive(req))
                 return
             if answer is not None:  # made off the event loop (/metrics): finish when ready
                 self._server.track(self._loop.create_task(self._finish_later(answer, req)))
@@ -738,7 +780,7 @@ class ClientConnection(asyncio.Protocol):
         self._server.track(self._loop.create_task(self._server.forward(req, self)))
 
     async def _finish_later(self, answer: Awaitable[bytes], req: Request) -> None:
-        self.finish(await answer, keep_alive=req.keep_alive)
+        self.finish(await answer, keep_alive=self.keeps_alive(req))
 
     # -- answering (used by the pipeline) ------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -755,6 +797,7 @@ class ClientConnection(asyncio.Protocol):
             and not self._server.closing
             and not self.closed
             and (req.source is None or req.source.done)
+            and not (self._input_done and not self._queue and self._pending_refusal is None)
         )
 
     def finish(self, data: bytes, *, keep_alive: bool) -> None:
@@ -791,90 +834,128 @@ class ClientConnection(asyncio.Protocol):
 
     def _done(self, keep_alive: bool) -> None:
         self.busy = False
+        self._current = None
         self._server.connection_idle()
-        if not keep_alive or self._server.closing or self.closed or self.overloaded:
-            self.close()
+        if self.closed:
+            return
+        if not keep_alive or self._server.closing or self.overloaded:
+            self._close_after_refusal()
             return
         if self._queue:
-            self._start(self._queue.popleft())
+            if not self._write_paused:  # else resume_writing starts it
+                self._start(self._queue.popleft())
             return
-        if self._pending_refusal is not None:
-            if self.transport is not None:
-                self.transport.write(self._pending_refusal)
-            self.close()
+        if self._input_done:
+            self._close_after_refusal()
             return
-        self.resume_reading()
+        self._flow()
         if self._req is None:
             self.deadline = self._loop.time() + self._server.idle_timeout
-            self._deadline_idle = True
+            self._deadline_kind = _IDLE
+
+    def _close_after_refusal(self) -> None:
+        refusal, self._pending_refusal = self._pending_refusal, None
+        if refusal:
+            self._write(refusal)
+        self.close()
 
     def close(self) -> None:
-        """Close after what was written has been sent."""
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
+        """Close after what was written has been sent (lingering if the client may still send)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self.closed:
+            if self._deadline_kind == _LINGER and self._server.closing:
+                transport.close()  # shutting down: no more lingering
+            return
+        self.closed = True
+        may_send = self._input_done or self._req is not None or self._reading_paused
+        if may_send and not self._eof and not self._server.closing:
+            self._input_done = True  # what still comes is discarded
+            transport.write_eof()  # after what is buffered: the client sees the whole answer
+            self.deadline = self._loop.time() + _LINGER_SECONDS
+            self._deadline_kind = _LINGER
+            if self._reading_paused:
+                self._reading_paused = False
+                transport.resume_reading()  # data_received discards what still comes
+            return
+        transport.close()
 
     # -- refusals -----------------------------------------------------------------------------
-    def _refuse(self, answer: bytes) -> None:
+    def _refuse(self, answer: bytes, status: int) -> None:
+        """Refuse what is being read: nothing more is read; earlier requests are answered first."""
         self.deadline = 0.0
-        self._queue.clear()
+        self._deadline_kind = _NO_DEADLINE
         req, self._req = self._req, None
-        if req is not None and req.source is not None:
-            req.source.finish(failed=True)  # the pipeline sending this body must stop too
-        if self.busy and req is not None and req.source is None:
-            # A request pipelined behind one in progress: answer it after that one's answer.
-            self._pending_refusal = answer
-            self.pause_reading()
+        self._input_done = True
+        self.pause_reading()
+        source = req.source if req is not None else None
+        if source is not None and (req is self._current or req in self._queue):
+            # A streamed body its pipeline run (or its turn) is waiting on: that run answers.
+            source.fail(answer, status)
             return
-        if self.transport is not None and not self.busy:
-            self.transport.write(answer)
+        if self.busy or self._queue:
+            self._pending_refusal = answer  # written after the answers before it
+            return
+        if answer:
+            self._write(answer)
         self.close()
 
     def _too_large_head(self) -> bytes:
         return error_response(
             431,
             "headers_too_large",
-            "The request line and headers exceed the sidecar's limit of "
+            "The request line and headers (or trailers) exceed the sidecar's limit of "
             f"{self._server.max_header_bytes} bytes.",
-            type_="invalid_request_error",
-            close=True,
-        )
-
-    @staticmethod
-    def _framing(what: str) -> bytes:
-        return error_response(
-            400,
-            "ambiguous_framing",
-            f"The request has {what}; refused because its framing is ambiguous.",
             type_="invalid_request_error",
             close=True,
         )
 
     def expire(self) -> None:
         """The deadline passed (called by the server's sweeper)."""
+        kind = self._deadline_kind
         self.deadline = 0.0
-        if self._deadline_idle:
-            self._deadline_idle = False
+        self._deadline_kind = _NO_DEADLINE
+        if kind == _IDLE:
             if not self.busy and self._req is None:
                 self.close()
+        elif kind == _LINGER:
+            if self.transport is not None:
+                self.transport.close()
+        elif kind == _BODY:
+            self._body_expired()
+        elif self._req is not None:
+            message = "The request headers did not arrive in time."
+            self._refuse(_timeout("header_timeout", message), 408)
+        elif not self.busy:
+            self._refuse(b"", 408)  # connected and sent nothing
+
+    def _body_expired(self) -> None:
+        now = self._loop.time()
+        if self._reading_paused and now < self._body_by:
+            self._arm_body(self._server.body_timeout)  # we stopped reading: not the client
             return
-        if self._req is not None or not self.busy:
-            started = self._req is not None
-            self._refuse(
-                error_response(
-                    408,
-                    "header_timeout",
-                    "The request headers did not arrive in time.",
-                    type_="invalid_request_error",
-                    close=True,
-                )
-                if started
-                else b""
-            )
+        what = (
+            "The request body (or its trailers) did not arrive in time: it must keep coming "
+            f"(at most {self._server.body_timeout:g} s between bytes) and be complete within "
+            f"{self._server.body_deadline:g} s."
+        )
+        self._refuse(_timeout("body_timeout", what), 408)
 
 
-def _printable(path: str) -> str:
-    return path[:200].encode("ascii", "backslashreplace").decode("ascii")
+def _timeout(code: str, message: str) -> bytes:
+    return error_response(408, code, message, type_="invalid_request_error", close=True)
+
+
+def _upgrade_refused() -> tuple[bytes, int]:
+    answer = error_response(
+        400,
+        "upgrade_refused",
+        "Protocol upgrades are not supported.",
+        type_="invalid_request_error",
+        close=True,
+    )
+    return answer, 400
 
 
 Forward = Callable[[Request, ClientConnection], Awaitable[None]]

@@ -46,6 +46,15 @@ REFUSED = [
     (b"GET /v1/customers FOO/1.1\r\nHost: x\r\n\r\n", 400, None),
     (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", 400, None),
     (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400, None),
+    (b"GET /v1/customers HTTP/2.0\r\nHost: x\r\n\r\n", 505, "sidecar_http_version_not_supported"),
+    (b"GET /v1/customers HTTP/0.9\r\nHost: x\r\n\r\n", 505, "sidecar_http_version_not_supported"),
+    (b"GET /v1/customers\r\nHost: x\r\n\r\n", 505, "sidecar_http_version_not_supported"),
+    (b"GET /v1/customers HTTP/1.2\r\nHost: x\r\n\r\n", 400, None),
+    (b"GET /v1/..;/admin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"GET /v1/%c0%ae%c0%ae/admin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"GET /v1/%c0%afadmin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"GET /v1/%e0%80%ae%e0%80%ae/admin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
+    (b"GET /v1/%252e%252e/admin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),
 ]
 
 

@@ -1,0 +1,202 @@
+"""The door's checks as pure functions: versions, targets, path tricks and framing, no sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy import door
+from proxy.replies import error_response, reason_phrase
+
+OPERATOR = frozenset({"/health", "/ready", "/metrics"})
+
+
+def code(refusal: door.Refusal | None) -> tuple[int, str] | None:
+    """The (status, code) of a refusal, or None."""
+    return None if refusal is None else (refusal.status, refusal.code)
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_http_1x_is_accepted(version: str) -> None:
+    """HTTP/1.1 and HTTP/1.0 pass."""
+    assert door.check_version(version) is None
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9", "1.2", "3.0", "2.1"])
+def test_other_versions_get_505(version: str) -> None:
+    """Any other version (and no version, reported as 0.9) is refused with 505, never forwarded."""
+    assert code(door.check_version(version)) == (505, "http_version_not_supported")
+
+
+def test_no_version_says_so() -> None:
+    """A request line without a version is named as such in the message."""
+    refusal = door.check_version("0.9")
+    assert refusal is not None and "no HTTP version" in refusal.message
+
+
+def test_request_path_drops_the_query() -> None:
+    """The path is the target before '?', as text."""
+    assert door.request_path(b"/v1/customers?limit=3&x=/../") == "/v1/customers"
+    assert door.request_path(b"/v1/customers") == "/v1/customers"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/customers",
+        "/v1/customers/cus_123",
+        "/v2/core/events",
+        "/oauth/token",
+        "/health",
+        "/v1/files/file_1/contents",
+        "/v1/customers/cus%5F1",  # a harmless escape
+        "/v1/customers/cus_1.json",  # a dot inside a segment
+        "/v1/prices/search",
+        "/v1/customers/caf%C3%A9",  # valid UTF-8
+    ],
+)
+def test_stripe_paths_pass(path: str) -> None:
+    """Stripe API and operator paths without tricks are accepted."""
+    assert door.check_target("GET", path, OPERATOR) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("CONNECT", "evil.example:443", (405, "method_not_allowed")),
+        ("CONNECT", "/v1/customers", (405, "method_not_allowed")),
+        ("GET", "http://evil.example/v1/customers", (400, "absolute_target_refused")),
+        ("GET", "*", (400, "absolute_target_refused")),
+        ("GET", "/admin", (404, "not_a_stripe_path")),
+        ("GET", "/", (404, "not_a_stripe_path")),
+        ("GET", "/v1", (404, "not_a_stripe_path")),
+        ("GET", "/v3/customers", (404, "not_a_stripe_path")),
+        ("GET", "/healthz", (404, "not_a_stripe_path")),
+    ],
+)
+def test_targets_outside_the_allowlist_are_refused(method: str, path: str, expected: tuple[int, str]) -> None:
+    """CONNECT, absolute targets and non-Stripe paths are refused with their own status."""
+    assert code(door.check_target(method, path, OPERATOR)) == expected
+
+
+UNSAFE = [
+    "/v1/../admin",
+    "/v1/./customers",
+    "/v1/customers/..",
+    "/v1/customers/.",
+    "/v1/%2e%2e/admin",
+    "/v1/%2E%2e/admin",
+    "/v1/.%2e/admin",
+    "/v1/%2e./admin",
+    "/v1/%2e/customers",
+    "/v1/..;/admin",
+    "/v1/..;jsessionid=1/admin",
+    "/v1/.;/customers",
+    "/v1/%2e%2e;/admin",
+    "/v1/..%3b/admin",
+    "/v1/customers/%2f..%2fadmin",
+    "/v1/customers%2Fadmin",
+    "/v1/customers%5c..%5cadmin",
+    "/v1/customers\\..\\admin",
+    "/v1/customers/%00",
+    "/v1/%c0%ae%c0%ae/admin",
+    "/v1/%C0%AE/customers",
+    "/v1/customers%c0%afadmin",
+    "/v1/%e0%80%ae%e0%80%ae/admin",
+    "/v1/%e0%80%af",
+    "/v1/%f0%80%80%ae",
+    "/v1/%c1%9c",
+    "/v1/%252e%252e/admin",
+    "/v1/%252f",
+    "/v1/%25252e%25252e/admin",
+    "/v1/%u002e%u002e/admin",
+    "/v1/%U002F",
+    "/v1/.. /admin",
+    "/v1/.../admin",
+    "/v1/customers/\x7f",
+    "/v1/customers/\x00",
+    "/v1/\xc0\xae\xc0\xae/admin",  # raw overlong bytes, as llhttp hands them over (latin-1)
+]
+
+
+@pytest.mark.parametrize("path", UNSAFE, ids=[p.encode("unicode_escape").decode() for p in UNSAFE])
+def test_path_tricks_are_refused(path: str) -> None:
+    """Dot segments in every spelling, encoded separators, overlong UTF-8 and controls get 400."""
+    assert door.is_unsafe_path(path)
+    assert code(door.check_target("GET", path, OPERATOR)) == (400, "unsafe_path")
+
+
+@pytest.mark.parametrize(
+    ("value", "seen", "refused"),
+    [
+        (b"12", None, False),
+        (b"0", None, False),
+        (b"12", 12, True),  # a second Content-Length, even an equal one
+        (b"+3", None, True),
+        (b"-1", None, True),
+        (b"3 ", None, True),
+        (b"0x10", None, True),
+        (b"", None, True),
+        (b"1,1", None, True),
+    ],
+)
+def test_content_length_must_be_one_number(value: bytes, seen: int | None, refused: bool) -> None:
+    """Only one Content-Length made of digits is accepted."""
+    refusal = door.check_content_length(value, seen)
+    assert (refusal is not None) is refused
+    if refusal is not None:
+        assert code(refusal) == (400, "ambiguous_framing")
+
+
+@pytest.mark.parametrize(
+    ("value", "already", "refused"),
+    [
+        (b"chunked", False, False),
+        (b"Chunked ", False, False),
+        (b"chunked", True, True),
+        (b"gzip, chunked", False, True),
+        (b"identity", False, True),
+        (b"chunked, chunked", False, True),
+        (b"", False, True),
+    ],
+)
+def test_transfer_encoding_must_be_one_chunked(value: bytes, already: bool, refused: bool) -> None:
+    """Only a single 'chunked' Transfer-Encoding is accepted."""
+    refusal = door.check_transfer_encoding(value, already)
+    assert (refusal is not None) is refused
+    if refusal is not None:
+        assert code(refusal) == (400, "ambiguous_framing")
+
+
+def test_framing_refuses_length_and_chunked_together() -> None:
+    """Content-Length together with chunked is ambiguous: refused."""
+    assert code(door.check_framing(True, 3, 1000)) == (400, "ambiguous_framing")
+
+
+def test_framing_refuses_a_declared_length_over_the_limit() -> None:
+    """A declared body over the limit gets 413 before it is read; at the limit it passes."""
+    assert code(door.check_framing(False, 1001, 1000)) == (413, "body_too_large")
+    assert door.check_framing(False, 1000, 1000) is None
+    assert door.check_framing(True, None, 1000) is None
+    assert door.check_framing(False, None, 1000) is None
+
+
+def test_error_response_is_framed_once_with_the_standard_reason() -> None:
+    """A refusal renders as one complete HTTP/1.1 answer with a Stripe-shaped body and its length."""
+    raw = error_response(505, "http_version_not_supported", "no", type_="invalid_request_error", close=True)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 505 HTTP Version Not Supported"
+    assert b"Connection: close" in lines
+    assert b"Content-Length: %d" % len(body) in lines
+    assert json.loads(body) == {
+        "error": {"type": "invalid_request_error", "code": "sidecar_http_version_not_supported", "message": "no"}
+    }
+
+
+def test_reason_phrases_come_from_http_status() -> None:
+    """Reason phrases are the standard ones, with a neutral word for unregistered codes."""
+    assert reason_phrase(408) == b"Request Timeout"
+    assert reason_phrase(431) == b"Request Header Fields Too Large"
+    assert reason_phrase(599) == b"Error"
