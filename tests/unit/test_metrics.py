@@ -128,3 +128,17 @@ async def test_concurrent_renders_share_one_pass_and_parse():
     assert a == b and calls == [1]
     names = {f.name for f in text_string_to_metric_families(a.decode())}
     assert {"stripe_sidecar_requests", "stripe_sidecar_request_duration_seconds", "stripe_sidecar_in_flight_requests"} <= names
+
+
+def test_latency_buckets_are_the_documented_ones():
+    """Both latency histograms expose exactly these bounds (dashboards and alerts depend on them)."""
+    reg = CollectorRegistry()
+    op = Metrics(reg).operation(OP)
+    op.request(200, "success", 0.01)
+    op.attempt("success", 0.01)
+    expected = ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "30.0", "+Inf"]
+    histograms = {f.name: [s.labels["le"] for s in f.samples if s.name.endswith("_bucket")] for f in reg.collect() if f.type == "histogram"}
+    assert histograms == {
+        "stripe_sidecar_request_duration_seconds": expected,
+        "stripe_sidecar_upstream_attempt_duration_seconds": expected,
+    }
