@@ -229,6 +229,23 @@ async def test_trickled_body_is_cut_at_the_body_deadline(raw_upstream, make_side
     assert up.received == []
 
 
+async def test_slow_but_steady_body_is_not_cut_by_the_idle_timeout(raw_upstream, make_sidecar):
+    """Each body byte restarts body_timeout: a body arriving in pieces for longer than it is accepted."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url, server={"body_timeout": 0.5, "body_deadline": 60.0, "header_timeout": 0.3})
+    reader, writer = await open_raw(sc.port)
+    writer.write(b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n")
+    started = time.monotonic()
+    for _ in range(30):
+        writer.write(b"a")  # a byte every 50 ms: 1.5 s in all, three body_timeouts
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - started > 0.5
+    head, body = await read_answer(reader)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200"), head + body
+    assert [r.body for r in up.received] == [b"a" * 30]
+
+
 async def test_body_read_paused_by_the_sidecar_is_not_timed_out(raw_upstream, make_sidecar):
     """A streamed upload queued behind a slow request is not timed out while the sidecar itself holds it."""
     release = asyncio.Event()
