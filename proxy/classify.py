@@ -40,6 +40,7 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"  # transport: no (complete) answer in time
     CONNECTION_ERROR = "connection_error"  # transport: refused, DNS, TLS, reset
     CLIENT_ERROR = "client_error"  # any other 4xx (e.g. 405, 413, 424)
+    LOCAL_RESOURCES = "local_resources"  # the sidecar itself ran out of fds/memory: not Stripe
 
 
 class TransportError(enum.StrEnum):
@@ -48,6 +49,8 @@ class TransportError(enum.StrEnum):
     CONNECT = "connect"  # never reached upstream: refused, DNS, TLS handshake -> not processed
     RESET = "reset"  # broke after (part of) the request was sent, before a full response
     TIMEOUT = "timeout"  # no (complete) answer within the attempt timeout
+    BAD_RESPONSE = "bad_response"  # an answer no HTTP/1.1 server may send (status, head, framing)
+    LOCAL_RESOURCES = "local_resources"  # EMFILE/ENFILE/ENOMEM/ENOBUFS here -> never sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,10 @@ _TRANSPORT: dict[TransportError, Verdict] = {
     TransportError.CONNECT: Verdict(Outcome.CONNECTION_ERROR, True, True, sent=False),
     TransportError.RESET: Verdict(Outcome.CONNECTION_ERROR, True, True),
     TransportError.TIMEOUT: Verdict(Outcome.TIMEOUT, True, True),
+    # Stripe (or a proxy before it) answered nonsense: a bad gateway, repeatable as one.
+    TransportError.BAD_RESPONSE: Verdict(Outcome.GATEWAY_ERROR, True, True),
+    # The sidecar's own exhaustion says nothing about Stripe, and repeating at once cannot help.
+    TransportError.LOCAL_RESOURCES: Verdict(Outcome.LOCAL_RESOURCES, False, False, sent=False),
 }
 
 # Stripe error bodies are a few hundred bytes; anything much larger is not one worth parsing.

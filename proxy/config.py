@@ -55,6 +55,9 @@ class ServerSettings:
     body_timeout: float = 10.0
     body_deadline: float = 300.0
     idle_timeout: float = 75.0
+    # A client that takes nothing of a streamed answer for this long is cut off (memory stays
+    # bounded meanwhile: the upstream is not read while the client is not reading).
+    write_timeout: float = 60.0
     # None: derived from the file-descriptor limit at start (see proxy.fdlimit).
     max_connections: int | None = None
     # On SIGTERM: /ready turns 503 at once, serving goes on for drain_period, then the listener
@@ -82,6 +85,9 @@ class UpstreamSettings:
     idle_timeout: float = 30.0
     max_idle_per_host: int = 128
     buffer_limit: int = 1 << 20
+    # An answer's status line and headers beyond these are a bad answer (502), never buffered.
+    max_header_bytes: int = 64 << 10
+    max_headers: int = 100
     ca_file: str | None = None
 
 
@@ -174,6 +180,8 @@ _POSITIVE = {
     "connect_timeout",
     "max_idle_per_host",
     "buffer_limit",
+    "max_headers",
+    "write_timeout",
     "max_in_flight",
     "max_in_flight_per_operation",
     "attempt_timeout",

@@ -430,6 +430,12 @@ class Forwarder:
                     permits.release()
                     call.step = Step(GiveUp.CLIENT_GONE, 0.0, False)
                     return
+                if exc.kind is TransportError.LOCAL_RESOURCES:
+                    # The sidecar's own fds or memory ran out: not Stripe's failure, and
+                    # trying again at once cannot help.
+                    permits.release()
+                    call.step = Step(GiveUp.ANSWERED, 0.0, False)
+                    return
             duration = self._clock() - t0
             permits.record(call.verdict.upstream_failure, duration)
             if call.verdict.outcome is Outcome.RATE_LIMITED and self.limiter is not None:
@@ -624,6 +630,9 @@ def _pools(config: Config, clock: Callable[[], float]) -> dict[str, Pool]:
             idle_timeout=up.idle_timeout,
             max_idle=up.max_idle_per_host,
             buffer_limit=up.buffer_limit,
+            max_header_bytes=up.max_header_bytes,
+            max_headers=up.max_headers,
+            stall_timeout=config.server.write_timeout,
             ssl_context=_ssl_context(up.ca_file) if origin.scheme == "https" else None,
             clock=clock,
         )

@@ -10,13 +10,14 @@ sidecar's own refusals become Stripe-shaped JSON errors. Every method sets ``cal
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from typing import TYPE_CHECKING
 
-from proxy.classify import Outcome
+from proxy.classify import Outcome, TransportError
 from proxy.replies import error_response
 from proxy.server import ClientConnection
-from proxy.upstream import Connection, Response
+from proxy.upstream import Connection, Response, StreamEnd
 
 if TYPE_CHECKING:
     from proxy.forward import Call
@@ -29,25 +30,14 @@ _NO_RETRY = b"Stripe-Should-Retry: false\r\n"
 
 
 class _StreamSink:
-    """Writes a streamed upstream body to the client.
+    """Writes a streamed upstream body to the client (how the stream ended comes from upstream)."""
 
-    ``ended`` resolves when the stream stops: None if the whole body went out, else the outcome
-    to record for the cut (the client left first, or the upstream broke off).
-    """
+    __slots__ = ("_chunked", "_conn", "_keep_alive")
 
-    __slots__ = ("_chunked", "_conn", "_keep_alive", "ended")
-
-    def __init__(
-        self,
-        conn: ClientConnection,
-        chunked: bool,
-        keep_alive: bool,
-        ended: asyncio.Future[str | None],
-    ) -> None:
+    def __init__(self, conn: ClientConnection, chunked: bool, keep_alive: bool) -> None:
         self._conn = conn
         self._chunked = chunked
         self._keep_alive = keep_alive
-        self.ended = ended
 
     def body(self, chunk: bytes) -> None:
         if self._chunked:
@@ -57,14 +47,16 @@ class _StreamSink:
 
     def end(self) -> None:
         self._conn.end_stream(b"0\r\n\r\n" if self._chunked else b"", keep_alive=self._keep_alive)
-        if not self.ended.done():
-            self.ended.set_result(None)
 
     def fail(self) -> None:
-        cut = "client_gone" if self._conn.closed else Outcome.CONNECTION_ERROR
         self._conn.abort()
-        if not self.ended.done():
-            self.ended.set_result(cut)
+
+
+def _settle(ended: asyncio.Future[str | None], stream: asyncio.Future[StreamEnd]) -> None:
+    """None for a stream that went out whole, else the cut's outcome (never a success)."""
+    end = stream.result()
+    if not ended.done():
+        ended.set_result(None if end is StreamEnd.FINISHED else end.value)
 
 
 class Responder:
@@ -155,13 +147,13 @@ class Responder:
         ended: asyncio.Future[str | None] = self._loop.create_future()
         if resp.content_length is not None:
             conn.start_stream(head + b"Content-Length: %d\r\n\r\n" % resp.content_length)
-            sink = _StreamSink(conn, False, keep_alive, ended)
+            sink = _StreamSink(conn, False, keep_alive)
         elif not call.req.http11:
             conn.start_stream(head + b"\r\n")
-            sink = _StreamSink(conn, False, False, ended)
+            sink = _StreamSink(conn, False, False)
         else:
             conn.start_stream(head + b"Transfer-Encoding: chunked\r\n\r\n")
-            sink = _StreamSink(conn, True, keep_alive, ended)
+            sink = _StreamSink(conn, True, keep_alive)
         conn.set_streaming(resp)
         upstream = resp.conn
         if upstream is not None and not resp.complete:
@@ -170,7 +162,7 @@ class Responder:
             upstream.stream_idle = self._stream_idle
             upstream.deadline = self._loop.time() + upstream.stream_idle
             self._armed.add(upstream)
-        resp.stream(sink)
+        resp.stream(sink).add_done_callback(functools.partial(_settle, ended))
         return ended
 
     def _gateway_page(self, call: Call, status: int, keep_alive: bool) -> None:
@@ -198,17 +190,26 @@ class Responder:
             return
         type_ = "api_error"
         settled = call.settled
+        kind = call.error.kind if call.error is not None else None
+        extra = b""
         if client_caused:
             status, code, type_ = 408, "body_timeout", "invalid_request_error"
             message = "The request body did not arrive in time (or the client stopped sending it)."
             settled = False
+        elif kind is TransportError.LOCAL_RESOURCES:
+            status, code = 503, "overloaded"
+            message = "The sidecar is out of local resources; this request was not sent to Stripe."
+            extra = b"Retry-After: 1\r\n"
+        elif kind is TransportError.BAD_RESPONSE:
+            status, code = 502, "upstream_bad_response"
+            message = f"Stripe's answer was not valid HTTP ({call.attempt} attempt(s)): {detail}."
         elif call.verdict.outcome is Outcome.TIMEOUT:
             status, code = 504, "upstream_timeout"
             message = f"Stripe did not answer in time ({call.attempt} attempt(s))."
         else:
             status, code = 502, "upstream_unreachable"
             message = f"Stripe could not be reached ({call.attempt} attempt(s)): {detail}."
-        extra = self._sidecar_lines(call, call.verdict.outcome, False)
+        extra += self._sidecar_lines(call, call.verdict.outcome, False)
         if settled:
             extra += _NO_RETRY
         self._error(call, status, code, message, type_, extra)

@@ -4,12 +4,21 @@ Each connection is an asyncio protocol that parses answers with httptools (llhtt
 buffered up to ``buffer_limit`` bytes so the pipeline can classify it and, if it must, try again;
 a larger one is handed over part-read and then streamed to a sink with backpressure both ways.
 Transport failures become :class:`~proxy.errors.UpstreamError` here and nowhere else.
+
+A connection is trusted only as far as its answers are exact: a status outside 100-599, a control
+character in the reason phrase, a head over ``max_header_bytes`` or ``max_headers`` fields is a
+bad answer (:attr:`TransportError.BAD_RESPONSE`); a byte received beyond the framed answer, or
+while pooled, closes the connection, so an extra answer can never be read as the next request's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import enum
+import errno
+import math
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -22,7 +31,13 @@ import httptools
 from proxy.classify import TransportError
 from proxy.errors import ClientGone, UpstreamError
 
-__all__ = ["Connection", "Origin", "Pool", "Response", "Sink", "UpstreamError"]
+__all__ = ["Connection", "Origin", "Pool", "Response", "Sink", "StreamEnd", "UpstreamError"]
+
+# Connecting failed for want of the sidecar's own resources: not Stripe's fault (nor a reason to
+# try again at once).
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# Control characters a reason phrase must not carry (RFC 9112 4: HTAB, SP, VCHAR, obs-text only).
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
 
 # Response headers that describe one hop, not the message (RFC 9110 7.6.1); never passed on.
 _HOP_BY_HOP = frozenset(
@@ -65,6 +80,23 @@ class Origin:
     def url(self) -> str:
         """The origin as a URL, for logs and status."""
         return f"{self.scheme}://{self.host_header.decode()}"
+
+
+class StreamEnd(enum.StrEnum):
+    """How a streamed answer ended; anything but FINISHED means the client got a cut body."""
+
+    FINISHED = "finished"
+    UPSTREAM_BROKE_OFF = "upstream_broke_off"  # failed, went silent, or sent a bad frame
+    CLIENT_STALLED = "client_stalled"  # took nothing for the write timeout
+    CLIENT_GONE = "client_gone"  # the client disconnected
+
+
+class _BadAnswer(Exception):
+    """Raised in a parser callback: the answer breaks HTTP (stops the parse at once)."""
+
+
+class _Extra(Exception):
+    """Raised in a parser callback: bytes beyond the framed answer (the connection is poisoned)."""
 
 
 class Sink(Protocol):
@@ -122,23 +154,34 @@ class Response:
         body = self.body
         return body[0] if len(body) == 1 else b"".join(body)
 
-    def stream(self, sink: Sink) -> None:
-        """Deliver the body read so far and then the rest of the answer to ``sink``."""
+    def stream(self, sink: Sink) -> asyncio.Future[StreamEnd]:
+        """Deliver the body read so far and then the rest of the answer to ``sink``.
+
+        The future resolves when the stream has ended, with how it ended: record the request
+        only then (a cut stream is never a success).
+        """
         body, self.body = self.body, []
         for chunk in body:
             sink.body(chunk)
-        if self.failed:
-            sink.fail()
-        elif self.complete:
-            sink.end()
-        else:
-            assert self.conn is not None
-            self.conn.attach(sink)
+        if self.failed or self.complete:
+            done: asyncio.Future[StreamEnd] = asyncio.get_running_loop().create_future()
+            if self.failed:
+                sink.fail()
+                done.set_result(StreamEnd.UPSTREAM_BROKE_OFF)
+            else:
+                sink.end()
+                done.set_result(StreamEnd.FINISHED)
+            return done
+        assert self.conn is not None
+        return self.conn.attach(sink)
 
     def discard(self) -> None:
-        """Abandon an answer; if it is still arriving its connection is closed, never reused."""
+        """Abandon an answer; if it is still arriving its connection is closed, never reused.
+
+        Called when the client went away: a stream in progress ends as ``CLIENT_GONE``.
+        """
         if not self.complete and self.conn is not None:
-            self.conn.abort()
+            self.conn.drop_stream()
 
 
 class BodySource(Protocol):
@@ -163,9 +206,14 @@ class Connection(asyncio.Protocol):
         self._resp: Response | None = None
         self._buffered = 0
         self._sink: Sink | None = None
+        self._stream_end: asyncio.Future[StreamEnd] | None = None
         self._head_request = False
         self._chunked = False
         self._reset_parser = False
+        self._in_head = False  # the final answer's head is still arriving
+        self._head_room = 0  # bytes the head may still take
+        self._headers_left = 0  # header (and trailer) fields the answer may still send
+        self._framing = 0  # chunked: bytes received since the last body byte (sizes, trailers)
         self._reading_paused = False
         self._sending = False  # a streamed request body is still being sent
         self._release_pending = False
@@ -183,12 +231,67 @@ class Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if self._resp is None:
+            # Nothing was asked (pooled, or the answer already ended): whatever this is, it
+            # would be read as the next request's answer. Never reuse the connection.
+            self.abort()
+            return
+        if self._in_head:
+            # Counted per read, partial lines included, so a head that never ends is cut at the
+            # limit instead of being buffered by the parser.
+            room = self._head_room
+            if len(data) > room:
+                self._feed_past_room(data, room)
+                return
+            self._head_room = room - len(data)
+        elif self._chunked:
+            # Chunk sizes and trailers are bounded like a head: reset by every body byte.
+            self._framing += len(data)
+            self._feed(data)
+            if self._framing > self._pool.max_header_bytes and self._resp is not None:
+                self._fail(
+                    TransportError.BAD_RESPONSE,
+                    "bad answer from upstream: chunk framing or trailers over the header limit",
+                    started=True,
+                )
+            return
+        self._feed(data)
+
+    def _feed_past_room(self, data: bytes, room: int) -> None:
+        self._head_room = 0
+        self._feed(data[:room])
+        if self.closed:
+            return
+        if self._in_head:
+            self._fail(
+                TransportError.BAD_RESPONSE,
+                f"bad answer from upstream: head over {self._pool.max_header_bytes} bytes",
+                started=True,
+            )
+            return
+        self.data_received(data[room:])
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(TransportError.RESET, f"unparseable answer from upstream: {exc}")
         except httptools.HttpParserUpgrade:
-            self._fail(TransportError.RESET, "upstream tried to switch protocols")
+            self._fail(
+                TransportError.BAD_RESPONSE, "upstream tried to switch protocols", started=True
+            )
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Extra):
+                self.abort()  # the answer itself was whole; what followed it poisons the connection
+            elif isinstance(cause, _BadAnswer):
+                self._fail(
+                    TransportError.BAD_RESPONSE, f"bad answer from upstream: {cause}", started=True
+                )
+            else:
+                self._fail(
+                    TransportError.BAD_RESPONSE,
+                    f"unparseable answer from upstream: {exc}",
+                    started=True,
+                )
 
     def eof_received(self) -> bool | None:
         # A body with neither length nor chunking ends at EOF (RFC 9112 6.3); llhttp cannot be
@@ -216,14 +319,21 @@ class Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     # -- httptools callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._resp is None:
+            raise _Extra  # a second answer to one request
+
     def on_status(self, reason: bytes) -> None:
         if self._resp is not None:
             self._resp.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers_left -= 1
+        if self._headers_left < 0:
+            raise _BadAnswer(f"more than {self._pool.max_headers} header fields")
         resp = self._resp
-        if resp is None:
-            return
+        if resp is None or not self._in_head:
+            return  # a trailer: never becomes a header of the answer
         if name in _PASS_EXACT:  # most of Stripe's headers, in the case Stripe writes them
             resp.headers.append(name + b": " + value + b"\r\n")
             return
@@ -250,11 +360,17 @@ class Connection(asyncio.Protocol):
         resp = self._resp
         if resp is None:
             return
-        resp.status = self._parser.get_status_code()
-        if 100 <= resp.status < 200:
+        status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _BadAnswer(f"status {status:03d} is outside 100-599")
+        if _BAD_REASON(resp.reason) is not None:
+            raise _BadAnswer("a control character in the reason phrase")
+        resp.status = status
+        if status < 200:
             # Interim answer (100 Continue, 103 Early Hints): wait for the final one.
             self._resp = Response()
             return
+        self._in_head = False
         self.keep_alive = self._parser.should_keep_alive()
         if self._head_request:
             # llhttp cannot be told a HEAD answer has no body; end it here and parse afresh.
@@ -262,15 +378,16 @@ class Connection(asyncio.Protocol):
             self._finish()
 
     def on_body(self, chunk: bytes) -> None:
+        self._framing = 0
         sink = self._sink
         if sink is not None:
-            if self.deadline:
+            if self.deadline and not self._reading_paused:
                 self.deadline = self._loop.time() + self.stream_idle  # a byte came: not stuck
             sink.body(chunk)
             return
         resp = self._resp
         if resp is None:
-            return
+            raise _Extra  # a body after a HEAD answer's head
         resp.body.append(chunk)
         self._buffered += len(chunk)
         if self._buffered > self._pool.buffer_limit and self._waiter is not None:
@@ -281,12 +398,11 @@ class Connection(asyncio.Protocol):
                 waiter.set_result(resp)
 
     def on_message_complete(self) -> None:
-        if self._resp is None:
+        resp = self._resp
+        if resp is None:
             return  # a HEAD answer already finished at its head (and llhttp saw no body)
-        if self._resp is not None and 100 <= self._parser.get_status_code() < 200:
-            return
-        if self._reset_parser:
-            return
+        if resp.status < 200 or self._reset_parser:
+            return  # an interim answer (the final one follows)
         self._finish()
 
     # -- the exchange -------------------------------------------------------------------------
@@ -303,6 +419,7 @@ class Connection(asyncio.Protocol):
         if sink is not None:
             self._release()
             sink.end()
+            self._end_stream(StreamEnd.FINISHED)
         elif waiter is not None and not waiter.done():
             self._release()
             assert resp is not None
@@ -324,13 +441,22 @@ class Connection(asyncio.Protocol):
         else:
             self.abort()
 
-    def _fail(self, kind: TransportError, message: str, *, caused_by_client: bool = False) -> None:
+    def _fail(
+        self,
+        kind: TransportError,
+        message: str,
+        *,
+        caused_by_client: bool = False,
+        started: bool = False,
+        end: StreamEnd = StreamEnd.UPSTREAM_BROKE_OFF,
+    ) -> None:
         self.deadline = 0.0
         resp = self._resp
-        started = resp is not None and resp.status != 0
         if resp is not None:
+            started = started or resp.status != 0
             resp.failed = True
         self._resp = None
+        self._in_head = False
         waiter, self._waiter = self._waiter, None
         sink, self._sink = self._sink, None
         self.abort()
@@ -342,6 +468,12 @@ class Connection(asyncio.Protocol):
             )
         if sink is not None:
             sink.fail()
+            self._end_stream(end)
+
+    def _end_stream(self, end: StreamEnd) -> None:
+        done, self._stream_end = self._stream_end, None
+        if done is not None and not done.done():
+            done.set_result(end)
 
     def abort(self) -> None:
         """Close the connection at once; it is never reused."""
@@ -352,38 +484,78 @@ class Connection(asyncio.Protocol):
             self._transport = None
 
     def on_timeout(self) -> None:
-        """The attempt ran out of time: fail it and drop the connection."""
+        """The deadline passed: the upstream went silent, or the client stopped reading."""
+        if self._reading_paused and self._sink is not None:
+            # Only the client's backpressure stopped the reads: not a silence of Stripe's.
+            self._fail(
+                TransportError.RESET,
+                "the client took nothing of the answer for the write timeout",
+                caused_by_client=True,
+                end=StreamEnd.CLIENT_STALLED,
+            )
+            return
         self._fail(TransportError.TIMEOUT, "upstream did not answer in time")
 
-    def attach(self, sink: Sink) -> None:
-        """Send the rest of the answer being read to ``sink`` as it arrives."""
+    def attach(self, sink: Sink) -> asyncio.Future[StreamEnd]:
+        """Send the rest of the answer being read to ``sink``; resolves when it has ended."""
         self._sink = sink
+        done = self._stream_end = self._loop.create_future()
+        return done
+
+    def drop_stream(self) -> None:
+        """The client went away: a stream in progress ends as ``CLIENT_GONE``; close at once."""
+        self._sink = None
+        self._end_stream(StreamEnd.CLIENT_GONE)
+        self.abort()
 
     def pause_reading(self) -> None:
-        """Backpressure from the client side: stop reading the upstream for now."""
+        """Backpressure from the client side: stop reading the upstream for now.
+
+        While paused, the silence timer of a streamed answer does not run (the upstream is not
+        being read); the client's stall is bounded by the pool's ``stall_timeout`` instead.
+        """
         if self._transport is not None and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
+            if self.deadline:
+                self.deadline = self._loop.time() + self._pool.stall_timeout
 
     def resume_reading(self) -> None:
         """The client side drained: read the upstream again."""
         if self._transport is not None and self._reading_paused:
             self._reading_paused = False
             self._transport.resume_reading()
+            if self.deadline:
+                self.deadline = self._loop.time() + self.stream_idle
 
-    def send(self, head: bytes, body: bytes | None, head_request: bool) -> asyncio.Future[Response]:
-        """Write a request with a buffered body; the future resolves with the answer."""
-        assert self._transport is not None
+    def _begin(self, head_request: bool) -> asyncio.Future[Response]:
         self._resp = Response()
         self._buffered = 0
         self._chunked = False
         self._head_request = head_request
-        waiter = self._loop.create_future()
-        self._waiter = waiter
+        self._in_head = True
+        pool = self._pool
+        self._head_room = pool.max_header_bytes
+        self._headers_left = pool.max_headers
+        self._framing = 0
+        waiter = self._waiter = self._loop.create_future()
+        return waiter
+
+    def send(self, head: bytes, body: bytes | None, head_request: bool) -> asyncio.Future[Response]:
+        """Write a request with a buffered body; the future resolves with the answer."""
+        transport = self._transport
+        if transport is None:
+            # Closed since it was handed out (the upstream spoke out of turn, or hung up).
+            waiter: asyncio.Future[Response] = self._loop.create_future()
+            waiter.set_exception(
+                UpstreamError(TransportError.RESET, "upstream closed the connection")
+            )
+            return waiter
+        waiter = self._begin(head_request)
         if body:
-            self._transport.write(head + body)
+            transport.write(head + body)
         else:
-            self._transport.write(head)
+            transport.write(head)
         return waiter
 
     async def send_streaming(self, head: bytes, source: BodySource, head_request: bool) -> Response:
@@ -391,21 +563,23 @@ class Connection(asyncio.Protocol):
 
         Each read of the body races the upstream's answer: an early answer (or the attempt's
         deadline) stops the sending at once. The connection is pooled afterwards only if the
-        whole body went out.
+        whole body went out. The attempt's deadline runs only while Stripe is the one holding
+        things up (not taking the body, or not answering once it is all sent): a slow but steady
+        upload is never cut for taking longer than an attempt. While a piece is awaited from the
+        client, the door's body timeouts bound it (``server.body_timeout``/``body_deadline``)
+        and fail the body with the client as the cause.
         """
         assert self._transport is not None
-        self._resp = Response()
-        self._buffered = 0
-        self._chunked = False
-        self._head_request = head_request
-        waiter: asyncio.Future[Response] = self._loop.create_future()
-        self._waiter = waiter
+        answer_within = self.deadline - self._loop.time() if self.deadline else 0.0
+        waiter = self._begin(head_request)
         self._transport.write(head)
         self._sending = True
         body_sent = False
         reading: asyncio.Future[bytes] | None = None
         try:
             while not waiter.done():
+                if answer_within:
+                    self.deadline = math.inf  # the client's turn: never Stripe's time
                 reading = asyncio.ensure_future(source.read())
                 await asyncio.wait((reading, waiter), return_when=asyncio.FIRST_COMPLETED)
                 if not reading.done():
@@ -425,25 +599,38 @@ class Connection(asyncio.Protocol):
                 else:
                     transport.write(chunk)
                 if self._write_paused:
+                    if answer_within:
+                        self.deadline = self._loop.time() + answer_within  # Stripe is not reading
                     drain = self._drain_waiter = self._loop.create_future()
                     await asyncio.wait((drain, waiter), return_when=asyncio.FIRST_COMPLETED)
         except ClientGone as exc:
             self._fail(TransportError.RESET, str(exc), caused_by_client=True)
         finally:
-            if reading is not None and not reading.done():
-                reading.cancel()
-                # The client's body stalled while the upstream failed or timed out.
-                failure = waiter.exception() if waiter.done() else None
-                if isinstance(failure, UpstreamError):
-                    failure.caused_by_client = True
-            self._sending = False
-            if self._release_pending:
-                self._release_pending = False
-                if body_sent:
-                    self._release()
-                else:
-                    self.abort()  # the rest of the body would be read as the next request
+            self._after_streaming(reading, waiter, body_sent, answer_within)
         return await waiter
+
+    def _after_streaming(
+        self,
+        reading: asyncio.Future[bytes] | None,
+        waiter: asyncio.Future[Response],
+        body_sent: bool,
+        answer_within: float,
+    ) -> None:
+        if reading is not None and not reading.done():
+            reading.cancel()
+            # The client's body stalled while the upstream failed or timed out.
+            failure = waiter.exception() if waiter.done() else None
+            if isinstance(failure, UpstreamError):
+                failure.caused_by_client = True
+        if body_sent and answer_within and not waiter.done():
+            self.deadline = self._loop.time() + answer_within  # now it is Stripe's turn
+        self._sending = False
+        if self._release_pending:
+            self._release_pending = False
+            if body_sent:
+                self._release()
+            else:
+                self.abort()  # the rest of the body would be read as the next request
 
 
 # Headers the pipeline reads (besides passing them on), by lower-case name.
@@ -498,6 +685,9 @@ class Pool:
         idle_timeout: float,
         max_idle: int,
         buffer_limit: int,
+        max_header_bytes: int = 64 << 10,
+        max_headers: int = 100,
+        stall_timeout: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -507,6 +697,12 @@ class Pool:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self.buffer_limit = buffer_limit
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        # How long a client may take nothing of a streamed answer (its upstream is not read).
+        self.stall_timeout = stall_timeout
+        # The one place a socket is opened (a test seam for local resource exhaustion).
+        self._create_connection = self.loop.create_connection
         self._clock = clock
         self._idle: collections.deque[Connection] = collections.deque()
         self._ssl: ssl.SSLContext | None = None
@@ -534,7 +730,7 @@ class Pool:
         origin = self.origin
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, proto = await self.loop.create_connection(
+                _, proto = await self._create_connection(
                     lambda: Connection(self),
                     origin.host,
                     origin.port,
@@ -550,6 +746,12 @@ class Pool:
                 TransportError.CONNECT, f"TLS with {origin.url} failed: {exc.reason}"
             ) from None
         except OSError as exc:
+            if exc.errno in _LOCAL_ERRNOS:
+                # The sidecar's own file descriptors or memory ran out: nothing about Stripe.
+                raise UpstreamError(
+                    TransportError.LOCAL_RESOURCES,
+                    f"no local resources to connect to {origin.url}: {exc.strerror or exc}",
+                ) from None
             raise UpstreamError(
                 TransportError.CONNECT, f"cannot connect to {origin.url}: {exc.strerror or exc}"
             ) from None

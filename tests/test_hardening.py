@@ -146,10 +146,12 @@ async def test_pipelined_chunked_upload_behind_a_slow_request_completes(raw_upst
 # -- 3. a stalled upload body and the attempt timeout --------------------------------------------
 
 
-async def test_stalled_upload_is_answered_when_the_attempt_times_out(raw_upstream, make_sidecar):
-    """An upload whose client stops sending gets a 408 (and frees its slot) once attempt_timeout passes."""
+async def test_stalled_upload_is_answered_when_the_body_times_out(raw_upstream, make_sidecar):
+    """An upload whose client stops sending gets a 408 (and frees its slot) once server.body_timeout passes."""
     up = await raw_upstream(lambda r: OK)
-    sc = await make_sidecar(up.url, retry={"attempt_timeout": 0.5, "max_replay_body": 100})
+    sc = await make_sidecar(
+        up.url, server={"body_timeout": 0.5}, retry={"attempt_timeout": 0.5, "max_replay_body": 100}
+    )
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"x" * 200)
     try:

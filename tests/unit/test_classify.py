@@ -272,6 +272,7 @@ def test_odd_bodies_are_ignored(body: bytes) -> None:
         (TransportError.CONNECT, Outcome.CONNECTION_ERROR, False),
         (TransportError.RESET, Outcome.CONNECTION_ERROR, True),
         (TransportError.TIMEOUT, Outcome.TIMEOUT, True),
+        (TransportError.BAD_RESPONSE, Outcome.GATEWAY_ERROR, True),
     ],
 )
 def test_transport_errors(kind: TransportError, outcome: Outcome, sent: bool) -> None:
@@ -279,6 +280,15 @@ def test_transport_errors(kind: TransportError, outcome: Outcome, sent: bool) ->
     verdict = classify_transport_error(kind)
     assert verdict == Verdict(outcome, retryable=True, upstream_failure=True, sent=sent)
     assert verdict is classify_transport_error(kind)
+
+
+def test_local_resource_exhaustion_is_not_stripes_failure() -> None:
+    """The sidecar's own EMFILE/ENOMEM never counts against a breaker and is not retried at once."""
+    verdict = classify_transport_error(TransportError.LOCAL_RESOURCES)
+    assert verdict.outcome is Outcome.LOCAL_RESOURCES
+    assert not verdict.upstream_failure
+    assert not verdict.retryable
+    assert not verdict.sent
 
 
 def test_upstream_failure_only_for_server_side_outcomes() -> None:
@@ -308,4 +318,5 @@ def test_outcome_labels() -> None:
         "timeout",
         "connection_error",
         "client_error",
+        "local_resources",
     ]
