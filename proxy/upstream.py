@@ -499,6 +499,8 @@ class Connection(asyncio.Protocol):
     def attach(self, sink: Sink) -> asyncio.Future[StreamEnd]:
         """Send the rest of the answer being read to ``sink``; resolves when it has ended."""
         self._sink = sink
+        if self._reading_paused and self.deadline:
+            self.deadline = self._loop.time() + self._pool.stall_timeout  # paused before attach
         done = self._stream_end = self._loop.create_future()
         return done
 
