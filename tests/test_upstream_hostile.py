@@ -281,14 +281,14 @@ async def test_client_stalling_past_the_write_timeout_is_cut_and_not_a_success(r
 async def test_slow_steady_upload_outlasting_the_attempt_timeout_succeeds(raw_upstream, make_sidecar):
     """An upload paced over several attempt timeouts is sent whole and answered, never a 504 blaming Stripe."""
     up = await raw_upstream(lambda r: OK)
-    sc = await make_sidecar(up.url, retry={"attempt_timeout": 0.2, "max_replay_body": 100})
+    sc = await make_sidecar(up.url, retry={"attempt_timeout": 0.3, "max_replay_body": 100})
     piece = b"p" * 1000
-    pieces = 20  # one every 50 ms: a second in all, five attempt timeouts
+    pieces = 30  # one every 40 ms: 1.2 s in all, four attempt timeouts
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (len(piece) * pieces))
     for _ in range(pieces):
         writer.write(piece)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.04)
     answer = await read_answer(reader, 5)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200"), answer
@@ -299,12 +299,12 @@ async def test_slow_steady_upload_outlasting_the_attempt_timeout_succeeds(raw_up
 async def test_upstream_silent_after_a_slow_upload_is_a_504(raw_upstream, make_sidecar):
     """Once the whole slow upload is sent, an upstream that never answers is Stripe's timeout (504)."""
     up = await raw_upstream(lambda r: (lambda transport: asyncio.sleep(0)))
-    sc = await make_sidecar(up.url, retry={"attempt_timeout": 0.2, "max_replay_body": 100})
+    sc = await make_sidecar(up.url, retry={"attempt_timeout": 0.3, "max_replay_body": 100})
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
-    for _ in range(5):
-        writer.write(b"p" * 1000)
-        await asyncio.sleep(0.1)
+    for _ in range(10):
+        writer.write(b"p" * 500)
+        await asyncio.sleep(0.05)
     answer = await read_answer(reader, 5)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 504"), answer
