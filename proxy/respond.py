@@ -56,7 +56,15 @@ def _settle(ended: asyncio.Future[str | None], stream: asyncio.Future[StreamEnd]
     """None for a stream that went out whole, else the cut's outcome (never a success)."""
     end = stream.result()
     if not ended.done():
-        ended.set_result(None if end is StreamEnd.FINISHED else end.value)
+        ended.set_result(_CUT_OUTCOME.get(end, end.value))
+
+
+# How a cut stream is recorded: an upstream that broke off is a connection error like any other;
+# client_stalled and client_gone keep their own names.
+_CUT_OUTCOME: dict[StreamEnd, str | None] = {
+    StreamEnd.FINISHED: None,
+    StreamEnd.UPSTREAM_BROKE_OFF: Outcome.CONNECTION_ERROR,
+}
 
 
 class Responder:

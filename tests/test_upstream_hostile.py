@@ -241,7 +241,7 @@ async def test_paused_client_gets_the_whole_stream_after_the_attempt_timeout(raw
     writer.close()
     await poll(lambda: sc.metrics.in_flight == 0, what="the request to be recorded")
     assert requests_with(sc, "success") == 1
-    assert requests_with(sc, "upstream_broke_off") == 0
+    assert requests_with(sc, "connection_error") == 0
 
 
 async def test_client_stalling_past_the_write_timeout_is_cut_and_not_a_success(raw_upstream, make_sidecar):
