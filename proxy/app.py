@@ -71,6 +71,7 @@ class Sidecar:
         self.server: Server | None = None
         self.port = 0
         self._flusher: asyncio.TimerHandle | None = None
+        self._limited_scopes: set[str] = set()  # scopes with a ratelimit_rate sample
         self.report: ShutdownReport | None = None  # how the last stop() ended
 
     async def start(self) -> int:
@@ -229,8 +230,14 @@ class Sidecar:
         for breaker in fw.breakers().values():
             _ = breaker.state  # moves OPEN -> HALF_OPEN when due, which updates its gauge
         if fw.limiter is not None:
-            for scope, rate in fw.limiter.rates().items():
-                self.metrics.limiter_rate.labels(scope).set(rate)
+            # Only scopes that limit now have a rate; a dormant one has no sample at all.
+            rates = fw.limiter.rates()
+            gauge = self.metrics.limiter_rate
+            for scope in self._limited_scopes - rates.keys():
+                gauge.remove(scope)
+            for scope, rate in rates.items():
+                gauge.labels(scope).set(rate)
+            self._limited_scopes = set(rates)
 
     def _breaker_summary(self) -> dict[str, str]:
         if self.forwarder is None:

@@ -119,7 +119,7 @@ class LogSettings:
 
 @dataclass(frozen=True, slots=True)
 class OperationLimits:
-    """One operation's own rate and concurrency limits (None: the section defaults)."""
+    """One operation's own ceilings: rate and burst (None: ``ratelimit``'s), in-flight bound."""
 
     endpoint_rate: float | None = None
     endpoint_burst: float | None = None
@@ -196,13 +196,15 @@ _POSITIVE = {
     "endpoint_rate",
     "endpoint_burst",
     "min_rate",
+    "scale_constant",
+    "quiet_period",
     "open_duration",
     "open_duration_max",
     "slow_call_duration",
     "probe_timeout",
     "decrease_interval",
 }
-_RATIO = {"failure_rate", "decrease_factor"}
+_RATIO = {"failure_rate", "decrease_factor", "min_429_share"}
 _METHODS = {"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "*"}
 
 
@@ -385,6 +387,7 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
     for i, route in enumerate(config.upstream.routes):
         if route.host not in config.upstream.hosts:
             problems.append(f"upstream.routes[{i}].host: {route.host!r} is not in upstream.hosts")
+    _ratelimit_checks(config, problems)
     sections: list[tuple[str, RetrySettings]] = [("retry", config.retry)]
     sections += [(f"operations.{op}.retry", s.retry) for op, s in config.operations.items()]
     for op, settings in config.operations.items():
@@ -413,6 +416,23 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             problems.append(
                 f"{where}.deadline: {retry.deadline} must stay under the SDKs' 80 s timeout"
             )
+
+
+def _ratelimit_checks(config: Config, problems: list[str]) -> None:
+    rl = config.ratelimit
+    if rl.decrease_factor >= 1:
+        problems.append(f"ratelimit.decrease_factor: {rl.decrease_factor} must be below 1")
+    pairs = [("ratelimit.global", rl.global_rate, rl.global_burst)]
+    pairs.append(("ratelimit.endpoint", rl.endpoint_rate, rl.endpoint_burst))
+    pairs += [
+        (f"operations.{op}.limits.endpoint", s.limits.endpoint_rate, s.limits.endpoint_burst)
+        for op, s in config.operations.items()
+    ]
+    for where, rate, burst in pairs:
+        if burst is not None and burst < 1:
+            problems.append(f"{where}_burst: {burst} is below 1 request")
+        if burst is not None and rate is None:
+            problems.append(f"{where}_burst: a burst needs a ceiling rate ({where}_rate)")
 
 
 # Kubernetes' default terminationGracePeriodSeconds: the kubelet kills the container after it.

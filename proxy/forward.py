@@ -31,7 +31,7 @@ from proxy.config import Config, OperationSettings
 from proxy.errors import UpstreamError
 from proxy.log import Logger
 from proxy.metrics import Metrics
-from proxy.ratelimit import RateLimiter
+from proxy.ratelimit import RateLimiter, wait_for_slot
 from proxy.records import AttemptRecord, Observer, RequestRecord
 from proxy.respond import Responder
 from proxy.retry import (
@@ -146,6 +146,7 @@ class Call:
         "has_key",
         "head",
         "in_bulkhead",
+        "in_limiter",
         "injected",
         "limiter_wait",
         "op",
@@ -167,6 +168,7 @@ class Call:
         self.injected: bytes | None = None  # the Idempotency-Key the sidecar added
         self.has_key = req.idempotency_key is not None
         self.in_bulkhead = False
+        self.in_limiter = False  # counted in flight by the rate limiter
         self.limiter_wait = 0.0
         self.attempt = 0  # sends to Stripe so far
         self.resp: Response | None = None
@@ -264,13 +266,8 @@ class Forwarder:
     def _new_operation(self, name: str, host: str) -> _Op:
         settings = self.config.for_operation(name)
         limits = settings.limits
-        if self.limiter is not None and (
-            limits.endpoint_rate is not None or limits.endpoint_burst is not None
-        ):
-            rl = self.config.ratelimit
-            rate = limits.endpoint_rate or rl.endpoint_rate
-            burst = limits.endpoint_burst or max(1.0, rate * rl.endpoint_burst / rl.endpoint_rate)
-            self.limiter.set_endpoint_limit(name, rate, burst)
+        if self.limiter is not None and limits.endpoint_rate is not None:
+            self.limiter.set_endpoint_limit(name, limits.endpoint_rate, limits.endpoint_burst)
         breaker = CircuitBreaker(settings.breaker, self._clock, self._on_transition(name))
         self.metrics.breaker_state.labels(name).set(0)
         return _Op(
@@ -321,6 +318,9 @@ class Forwarder:
                 finally:
                     if call.in_bulkhead:
                         self._leave_bulkhead(call)
+                    if call.in_limiter:
+                        assert self.limiter is not None
+                        self.limiter.release(call.op.name)
             if refusal is not None:
                 self._refuse(call, refusal)
             else:
@@ -361,6 +361,12 @@ class Forwarder:
             if wait > 0:
                 call.limiter_wait = wait
                 await self._sleep(wait)
+            # An in-flight bound exists only after Stripe answered *-concurrency.
+            if not limiter.acquire(call.op.name) and not await wait_for_slot(
+                limiter, call.op.name, self._sleep
+            ):
+                return "rate_limited"
+            call.in_limiter = True
         return None
 
     def _leave_bulkhead(self, call: Call) -> None:

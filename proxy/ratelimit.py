@@ -1,210 +1,441 @@
-"""Client-side rate limiter: stay under Stripe's account-wide and per-endpoint limits.
+"""Client-side rate limiter: dormant until Stripe throttles, then adaptive, then dormant again.
 
-Pure: the clock is an argument (monotonic seconds), nothing sleeps. Two token buckets per request
-(the account's global one and the operation's), with reservations in the future like Go's
-``rate.Limiter.Reserve``: a bucket may go negative, so whoever reserves first goes first. Rates
-adapt AIMD-style to Stripe's 429s: a ``Stripe-Rate-Limited-Reason`` multiplies the rate of the
-scope it names by ``decrease_factor``; the rate then climbs back by ``recover_per_second`` per
-second up to the configured one.
+Pure: the clock is an argument (monotonic seconds), nothing sleeps or does I/O.
+
+A healthy app is never slowed: while a scope (the account, ``"global"``, or one operation) is
+dormant, :meth:`RateLimiter.reserve` only counts the request in that scope's send-rate meter
+and returns 0. A ``429`` whose ``Stripe-Rate-Limited-Reason`` names a scope activates it:
+
+- ``global-rate`` / ``endpoint-rate``: the scope gets a token bucket whose rate starts at the
+  rate Stripe accepted just before (sent minus rate limited, over the last second), cut by
+  ``decrease_factor``, then probes back up along a cubic curve;
+- ``global-concurrency`` / ``endpoint-concurrency``: the scope gets a bound on requests in
+  flight, from the number in flight at the 429, cut and probed back up the same way;
+- ``resource-specific`` (one object, such as a PaymentIntent) or no reason (a lock timeout):
+  nothing changes; backoff handles them.
+
+A stray 429 is noise (a scope reacts only once ``min_429s`` of its requests, and at least
+``min_429_share`` of them, were rate limited within the last second). A scope goes dormant
+again once ``quiet_period`` passes without such 429s. Configured
+rates (``global_rate``, ``endpoint_rate``) are optional ceilings that always apply.
+
+The anchor is the AWS SDKs' *adaptive* retry mode (botocore ``retries/adaptive.py``
+``ClientRateLimiter`` and ``RateClocker``, ``retries/throttling.py`` ``CubicCalculator``,
+``retries/bucket.py`` ``TokenBucket``): a client-side token bucket enabled only after the first
+throttling answer, its rate set from the measured send rate, cut by beta = 0.7 and regrown as
+``C * (t - K)**3 + W_max`` with C = 0.4 and ``K = cbrt(W_max * (1 - beta) / C)``. Where we
+differ, and why: one bucket per scope Stripe names (not one per client); the base is the rate
+Stripe *accepted* (a dormant client that overshoots learns the limit in one step); a scope
+decreases at most once per ``decrease_interval`` and not again until the requests already
+scheduled at the old rate have gone (a burst of in-flight 429s cuts once); reservations are
+scheduled ahead like Go's ``rate.Limiter.Reserve`` instead of blocking; and a quiet scope goes
+dormant instead of staying enabled for the life of the process.
+
+All state per scope is a handful of numbers (:meth:`RateLimiter.state`), so a fleet-wide
+limiter can later keep it in a shared store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["GLOBAL_SCOPE", "RateLimitSettings", "RateLimiter"]
+__all__ = ["GLOBAL_SCOPE", "RateLimitSettings", "RateLimiter", "wait_for_slot"]
 
 GLOBAL_SCOPE = "global"
+
+_INF = float("inf")
+_SLICES = 8  # the send-rate meter: 8 slices of 0.125 s, a sliding window of one second
+_SLICE = 0.125
+# An active bucket holds at most this many seconds of its rate: short bursts pass, but
+# nothing right after a throttle can go much faster than the learned rate.
+_BURST_SECONDS = 0.1
+_SLOT_POLLS = 20  # a request waiting for an in-flight slot looks this many times in max_wait
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimitSettings:
-    """Token-bucket rates and bursts, the longest wait, and how rates adapt to Stripe's 429s."""
+    """How the limiter adapts to Stripe's 429s; optional ceilings (None: no static cap)."""
 
     enabled: bool = True
-    global_rate: float = 100.0  # requests/s for the whole account (Stripe live-mode default)
-    global_burst: float = 100.0
-    endpoint_rate: float = 25.0  # per operation (Stripe's default per-endpoint limit)
-    endpoint_burst: float = 25.0
-    max_wait: float = 1.0  # a request waits at most this long for a token
-    decrease_factor: float = 0.5  # on a 429 naming a scope: that scope's rate *= factor
+    max_wait: float = 0.5  # a request waits at most this long for a token or a slot
+    decrease_factor: float = 0.7  # beta: on a 429 naming a scope its rate becomes base * beta
+    scale_constant: float = 0.4  # C: how fast the cubic regrows (requests/s per s^3)
     min_rate: float = 1.0
-    # Additive recovery: each second a decreased scope regains this share of its configured
-    # rate (0.25: from half to full in 2 s), so recovery takes the same time at any scale.
-    recover_share_per_second: float = 0.25
-    # A burst of requests in flight all get their 429 together: decrease a scope at most once
-    # per this many seconds, so one overload halves the rate once rather than to min_rate.
+    # A scope is cut at most once per this many seconds (and not before the requests already
+    # scheduled at the old rate have gone), so one overload cuts once, not to min_rate.
     decrease_interval: float = 0.5
+    quiet_period: float = 30.0  # a scope with no 429 for this long goes dormant again
+    # A scope reacts only when, over the last second, at least min_429s of its requests (and
+    # at least min_429_share of them) were rate limited: a stray 429 is noise that retries
+    # handle, while a limit really reached answers many at once.
+    min_429s: int = 2
+    min_429_share: float = 0.05
+    # Optional static ceilings for users who know their account's limits (off: None).
+    global_rate: float | None = None
+    global_burst: float | None = None  # None: one second of global_rate
+    endpoint_rate: float | None = None
+    endpoint_burst: float | None = None  # None: one second of endpoint_rate
 
 
 _GLOBAL_REASONS = frozenset({"global-rate", "global-concurrency"})
+_CONCURRENCY_REASONS = frozenset({"global-concurrency", "endpoint-concurrency"})
 
 
-class _Bucket:
-    """One token bucket; ``tokens`` may be negative (reserved ahead)."""
+class _Cubic:
+    """A CUBIC window: cut to ``beta * base`` at a throttle, then ``C*(t-K)^3 + base``."""
+
+    __slots__ = ("active", "fresh", "fresh_since", "hold_until", "k", "last_throttle", "start",
+                 "w_max")
+
+    def __init__(self) -> None:
+        self.active = False
+        # 429s counted since the hold ended, within about a second: those alone can cut again.
+        self.fresh = 0
+        self.fresh_since = -_INF
+        self.w_max = 0.0
+        self.k = 0.0
+        self.start = 0.0
+        self.hold_until = -_INF
+        self.last_throttle = -_INF
+
+    def value(self, now: float, c: float) -> float:
+        d = now - self.start - self.k
+        return c * d * d * d + self.w_max
+
+    def count(self, now: float) -> int:
+        """Count a 429 that may move this window; how many such 429s came lately."""
+        if now < self.hold_until:
+            return 0
+        if now - self.fresh_since > _SLICES * _SLICE:
+            self.fresh = 0
+            self.fresh_since = now
+        self.fresh += 1
+        return self.fresh
+
+    def cut(self, base: float, now: float, beta: float, c: float) -> None:
+        self.fresh = 0
+        self.w_max = base
+        self.k = (base * (1.0 - beta) / c) ** (1.0 / 3.0)
+        self.start = now
+        self.active = True
+
+    def snapshot(self) -> dict[str, float]:
+        return {"w_max": self.w_max, "k": self.k, "since": self.start}
+
+
+class _Scope:
+    """One scope's meter, token bucket and in-flight bound."""
 
     __slots__ = (
+        "bound",
         "burst",
-        "full_burst",
-        "full_rate",
+        "ceiling",
+        "ceiling_burst",
+        "concurrency",
+        "edge",
+        "first",
+        "idx",
+        "in_flight",
         "last",
-        "last_decrease",
+        "limited",
+        "limiting",
+        "pending",
         "rate",
-        "recover",
-        "recovering",
+        "rate_cubic",
+        "sent",
         "tokens",
     )
 
-    def __init__(self, rate: float, burst: float, now: float, recover_share: float) -> None:
-        self.recover = rate * recover_share  # requests/s regained per second
-        self.full_rate = rate
-        self.full_burst = burst
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.last = now
-        self.recovering = False
-        self.last_decrease = -float("inf")
-
-    def sync(self, now: float) -> None:
-        """Bring tokens (and a recovering rate) up to ``now``; takes nothing."""
-        recover_per_second = self.recover
-        elapsed = now - self.last
-        if elapsed <= 0.0:
-            return
-        rate = self.rate
-        if self.recovering:
-            # The rate climbs linearly, then stays at full: integrate it exactly.
-            to_full = (self.full_rate - rate) / recover_per_second
-            if elapsed < to_full:
-                new_rate = rate + recover_per_second * elapsed
-                gained = elapsed * (rate + new_rate) * 0.5
-            else:
-                new_rate = self.full_rate
-                gained = to_full * (rate + new_rate) * 0.5 + (elapsed - to_full) * new_rate
-                self.recovering = False
-            self.rate = new_rate
-            self.burst = self._scaled_burst(new_rate)
-        else:
-            gained = elapsed * rate
-        tokens = self.tokens + gained
-        self.tokens = tokens if tokens < self.burst else self.burst
+    def __init__(self, now: float, ceiling: float | None, ceiling_burst: float | None) -> None:
+        sl = int(now // _SLICE)
+        self.sent = [0] * _SLICES
+        self.limited = [0] * _SLICES
+        self.idx = sl % _SLICES
+        self.edge = (sl + 1) * _SLICE
+        self.first = now
+        # Send times of reservations still waiting: counted as sent when they go, so the
+        # meter sees what Stripe saw, not what the app asked for.
+        self.pending: deque[float] = deque()
+        self.rate_cubic = _Cubic()
+        self.concurrency = _Cubic()
+        self.in_flight = 0
+        self.bound = _INF
+        self.ceiling = ceiling
+        self.ceiling_burst = (
+            max(1.0, ceiling if ceiling_burst is None else ceiling_burst)
+            if ceiling is not None
+            else 1.0
+        )
+        self.limiting = ceiling is not None
+        self.rate = ceiling if ceiling is not None else _INF
+        self.burst = self.ceiling_burst
+        self.tokens = self.burst
         self.last = now
 
-    def decrease(self, now: float, settings: RateLimitSettings) -> None:
-        """Cut the rate by ``decrease_factor`` (not below ``min_rate``); the burst shrinks alike."""
-        if now - self.last_decrease < settings.decrease_interval:
-            return
-        self.sync(now)
-        self.last_decrease = now
-        rate = self.rate * settings.decrease_factor
-        floor = min(settings.min_rate, self.full_rate)
-        self.rate = rate if rate > floor else floor
-        self.burst = self._scaled_burst(self.rate)
-        if self.tokens > self.burst:
-            self.tokens = self.burst
-        self.recovering = self.rate < self.full_rate and self.recover > 0.0
+    def advance(self, now: float) -> None:
+        """Move the meter to the slice holding ``now``, zeroing the slices passed."""
+        sl = int(now // _SLICE)
+        steps = sl - int(self.edge // _SLICE) + 1
+        for k in range(1, min(steps, _SLICES) + 1):
+            i = (self.idx + k) % _SLICES
+            self.sent[i] = 0
+            self.limited[i] = 0
+        self.idx = sl % _SLICES
+        self.edge = (sl + 1) * _SLICE
 
-    def current_rate(self, now: float) -> float:
-        """The effective rate at ``now`` without changing the bucket."""
-        if not self.recovering:
-            return self.rate
-        rate = self.rate + self.recover * max(0.0, now - self.last)
-        return rate if rate < self.full_rate else self.full_rate
+    def catch_up(self, now: float) -> None:
+        """Advance the meter to ``now`` and count the reservations that have gone by then."""
+        if now >= self.edge:
+            self.advance(now)
+        pending = self.pending
+        while pending and pending[0] <= now:
+            pending.popleft()
+            self.sent[self.idx] += 1
 
-    def _scaled_burst(self, rate: float) -> float:
-        burst = self.full_burst * rate / self.full_rate
-        return burst if burst > 1.0 else 1.0
+    def share_limited(self) -> float:
+        """Share of the last second's requests that were rate limited (``catch_up`` first)."""
+        sent = sum(self.sent)
+        return sum(self.limited) / sent if sent > 0 else 1.0
+
+    def accepted_rate(self, now: float) -> float:
+        """Requests/s Stripe accepted (sent minus rate limited) over the last second.
+
+        Counted from one slice before the first 429 in that second: from then on Stripe's
+        bucket was empty, so what it accepted is its rate, not a burst it had saved up while
+        we sent less (which would make the estimate, and the next cut, too high).
+        """
+        self.catch_up(now)
+        order = [(self.idx + 1 + k) % _SLICES for k in range(_SLICES)]  # oldest first
+        first = next((k for k, i in enumerate(order) if self.limited[i]), 0)
+        first = max(0, first - 1)
+        kept = order[first:]
+        span = (_SLICES - 1 - first) * _SLICE + (now - (self.edge - _SLICE))
+        span = min(span, now - self.first)
+        if span < _SLICE:
+            span = _SLICE  # a handful of requests in a few ms is not a rate of thousands
+        accepted = sum(self.sent[i] for i in kept) - sum(self.limited[i] for i in kept)
+        return max(0.0, accepted) / span
 
 
 class RateLimiter:
-    """The account-wide bucket plus one bucket per operation, created on first use."""
+    """Per-scope adaptive limits: the account (``"global"``) and each operation."""
 
-    __slots__ = ("_clock", "_enabled", "_endpoints", "_global", "_max_wait", "_share", "settings")
+    __slots__ = ("_beta", "_c", "_clock", "_enabled", "_global", "_max_wait", "_scopes", "settings")
 
     def __init__(self, settings: RateLimitSettings, clock: Callable[[], float]) -> None:
-        if settings.global_rate <= 0 or settings.endpoint_rate <= 0:
-            raise ValueError("rate limiter rates must be positive")
-        if settings.global_burst < 1 or settings.endpoint_burst < 1:
-            raise ValueError("rate limiter bursts must be at least 1")
+        for name in ("global_rate", "endpoint_rate"):
+            value = getattr(settings, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("global_burst", "endpoint_burst"):
+            value = getattr(settings, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 0 < settings.decrease_factor < 1 or settings.scale_constant <= 0:
+            raise ValueError("decrease_factor must be in (0, 1) and scale_constant positive")
         self.settings = settings
         self._clock = clock
         self._enabled = settings.enabled
         self._max_wait = settings.max_wait
-        self._share = settings.recover_share_per_second
-        self._global = _Bucket(settings.global_rate, settings.global_burst, clock(), self._share)
-        self._endpoints: dict[str, _Bucket] = {}
+        self._beta = settings.decrease_factor
+        self._c = settings.scale_constant
+        self._global = _Scope(clock(), settings.global_rate, settings.global_burst)
+        self._scopes: dict[str, _Scope] = {}
 
+    def _scope(self, endpoint: str, now: float) -> _Scope:
+        found = self._scopes.get(endpoint)
+        if found is None:
+            s = self.settings
+            found = self._scopes[endpoint] = _Scope(now, s.endpoint_rate, s.endpoint_burst)
+        return found
+
+    def set_endpoint_limit(self, endpoint: str, rate: float, burst: float | None = None) -> None:
+        """Give ``endpoint`` its own ceiling (e.g. Stripe's 20/s for Files and Search)."""
+        if rate <= 0 or (burst is not None and burst < 1):
+            raise ValueError("an endpoint's rate must be positive and its burst at least 1")
+        now = self._clock()
+        self._scopes[endpoint] = _Scope(now, rate, burst)
+
+    # -- rate ------------------------------------------------------------------------------
     def reserve(self, endpoint: str) -> float | None:
-        """Take a token from the global and the ``endpoint`` bucket; return the seconds to wait.
+        """Count one request to ``endpoint``; return the seconds it must wait before sending.
 
-        0.0 means go now. None means the wait would exceed ``max_wait``: nothing is taken. A
-        positive wait is a reservation: the caller waits that long, then sends without asking
-        again; later callers queue behind it.
+        0.0 means go now (always, while both its scopes are dormant and have no ceiling).
+        None means the wait would exceed ``max_wait``: nothing is taken and the request is not
+        counted as sent. A positive wait is a reservation: the caller waits, then sends
+        without asking again; later callers queue behind it.
         """
         if not self._enabled:
             return 0.0
         now = self._clock()
-        g, e = self._global, self._endpoint(endpoint, now)
-        wait, g_tokens, e_tokens = self._wait(now, g, e)
-        if wait is None:
-            return None
-        g.tokens = g_tokens
-        g.last = now
-        e.tokens = e_tokens
-        e.last = now
-        return wait
+        g = self._global
+        e = self._scopes.get(endpoint) or self._scope(endpoint, now)
+        if not g.limiting and not e.limiting:
+            if now >= g.edge:
+                g.advance(now)
+            g.sent[g.idx] += 1
+            if now >= e.edge:
+                e.advance(now)
+            e.sent[e.idx] += 1
+            return 0.0
+        return self._reserve_limited(g, e, now)
 
     def peek(self, endpoint: str) -> float | None:
-        """What :meth:`reserve` would answer now, without taking anything."""
+        """What :meth:`reserve` would answer now, without taking or counting anything."""
         if not self._enabled:
             return 0.0
-        now = self._clock()
-        return self._wait(now, self._global, self._endpoint(endpoint, now))[0]
+        g = self._global
+        e = self._scopes.get(endpoint)
+        if not g.limiting and (e is None or not e.limiting):
+            return 0.0
+        wait = self._wait(g, e, self._clock())
+        return None if wait > self._max_wait else wait
 
-    def _endpoint(self, endpoint: str, now: float) -> _Bucket:
-        e = self._endpoints.get(endpoint)
-        if e is None:
-            e = self._endpoints[endpoint] = _Bucket(
-                self.settings.endpoint_rate, self.settings.endpoint_burst, now, self._share
-            )
-        return e
+    def _wait(self, g: _Scope, e: _Scope | None, now: float) -> float:
+        """Seconds until every limiting scope has a token (after bringing them up to now)."""
+        wait = 0.0
+        for s in (g, e):
+            if s is None:
+                continue
+            s.catch_up(now)
+            if s.limiting:
+                self._sync(s, now)
+            if s.limiting and s.tokens < 1.0:
+                w = (1.0 - s.tokens) / s.rate
+                if w > wait:
+                    wait = w
+        return wait
 
-    def _wait(self, now: float, g: _Bucket, e: _Bucket) -> tuple[float | None, float, float]:
-        """Seconds until both buckets have a token, and their tokens after taking one."""
-        if g.recovering:
-            g.sync(now)
-        if e.recovering:
-            e.sync(now)
-        g_tokens = g.tokens + (now - g.last) * g.rate
-        if g_tokens > g.burst:
-            g_tokens = g.burst
-        g_tokens -= 1.0
-        e_tokens = e.tokens + (now - e.last) * e.rate
-        if e_tokens > e.burst:
-            e_tokens = e.burst
-        e_tokens -= 1.0
-        if g_tokens >= 0.0 and e_tokens >= 0.0:
-            return 0.0, g_tokens, e_tokens
-        g_wait = -g_tokens / g.rate if g_tokens < 0.0 else 0.0
-        e_wait = -e_tokens / e.rate if e_tokens < 0.0 else 0.0
-        wait = g_wait if g_wait > e_wait else e_wait
-        return (None if wait > self._max_wait else wait), g_tokens, e_tokens
+    def _reserve_limited(self, g: _Scope, e: _Scope, now: float) -> float | None:
+        wait = self._wait(g, e, now)
+        if wait > self._max_wait:
+            return None
+        for s in (g, e):
+            if s.limiting:
+                s.tokens -= 1.0
+            if wait > 0.0:
+                s.pending.append(now + wait)
+            else:
+                s.sent[s.idx] += 1
+        return wait
 
-    def set_endpoint_limit(self, endpoint: str, rate: float, burst: float) -> None:
-        """Give ``endpoint`` its own rate and burst (e.g. Stripe's 20/s for Files and Search)."""
-        if rate <= 0 or burst < 1:
-            raise ValueError("an endpoint's rate must be positive and its burst at least 1")
-        self._endpoints[endpoint] = _Bucket(rate, burst, self._clock(), self._share)
+    def _sync(self, s: _Scope, now: float) -> None:
+        """Refill ``s`` up to ``now``, then move its rate along the cubic (or back to dormant)."""
+        elapsed = now - s.last
+        if elapsed > 0.0:
+            tokens = s.tokens + elapsed * s.rate
+            s.tokens = tokens if tokens < s.burst else s.burst
+            s.last = now
+        cubic = s.rate_cubic
+        if not cubic.active:
+            return
+        if now - cubic.last_throttle >= self.settings.quiet_period:
+            cubic.active = False
+            s.limiting = s.ceiling is not None
+            s.rate = s.ceiling if s.ceiling is not None else _INF
+            s.burst = s.ceiling_burst
+            return
+        self._set_rate(s, cubic.value(now, self._c))
 
+    def _set_rate(self, s: _Scope, rate: float) -> None:
+        floor = self.settings.min_rate
+        if rate < floor:
+            rate = floor
+        if s.ceiling is not None and rate > s.ceiling:
+            rate = s.ceiling
+        s.rate = rate
+        burst = rate * _BURST_SECONDS
+        s.burst = burst if burst > 1.0 else 1.0
+        if s.tokens > s.burst:
+            s.tokens = s.burst
+
+    def _throttle_rate(self, s: _Scope, now: float) -> None:
+        cubic = s.rate_cubic
+        cubic.last_throttle = now
+        if now < cubic.hold_until:
+            return
+        base = s.accepted_rate(now)
+        paced = s.rate  # the rate the queued requests were scheduled at
+        if s.limiting:
+            self._sync(s, now)
+            if s.rate < base:  # the adaptive rate, or a ceiling below what was measured
+                base = s.rate
+        else:
+            s.tokens = 0.0  # nothing goes out faster than the learned rate right after a 429
+            s.last = now
+        if base < self.settings.min_rate:
+            base = self.settings.min_rate
+        # Requests already scheduled (negative tokens) keep their schedule: the debt is kept in
+        # seconds, so new ones queue right behind them at the new rate, with no gap. Their 429s
+        # say nothing about the new rate: no further cut until they have gone.
+        debt = -s.tokens / paced if s.tokens < 0.0 and s.limiting else 0.0
+        cubic.cut(base, now, self._beta, self._c)
+        s.limiting = True
+        self._set_rate(s, base * self._beta)
+        if debt:
+            s.tokens = -debt * s.rate
+        cubic.hold_until = now + max(self.settings.decrease_interval, debt)
+
+    # -- concurrency -----------------------------------------------------------------------
+    def acquire(self, endpoint: str) -> bool:
+        """Count one request to ``endpoint`` as in flight; False (nothing taken) if bounded."""
+        if not self._enabled:
+            return True
+        g = self._global
+        e = self._scopes.get(endpoint) or self._scope(endpoint, self._clock())
+        if g.concurrency.active or e.concurrency.active:
+            now = self._clock()
+            for s in (g, e):
+                self._sync_bound(s, now)
+                if s.in_flight + 1 > s.bound:
+                    return False
+        g.in_flight += 1
+        e.in_flight += 1
+        return True
+
+    def release(self, endpoint: str) -> None:
+        """A request counted by :meth:`acquire` has its answer."""
+        if not self._enabled:
+            return
+        self._global.in_flight -= 1
+        e = self._scopes.get(endpoint)
+        if e is not None:
+            e.in_flight -= 1
+
+    def _sync_bound(self, s: _Scope, now: float) -> None:
+        cubic = s.concurrency
+        if not cubic.active:
+            return
+        if now - cubic.last_throttle >= self.settings.quiet_period:
+            cubic.active = False
+            s.bound = _INF
+            return
+        bound = cubic.value(now, self._c)
+        s.bound = bound if bound > 1.0 else 1.0
+
+    def _throttle_concurrency(self, s: _Scope, now: float) -> None:
+        cubic = s.concurrency
+        cubic.last_throttle = now
+        if now < cubic.hold_until:
+            return
+        base = float(max(1, s.in_flight))
+        if cubic.active:
+            self._sync_bound(s, now)
+            base = min(base, s.bound)
+        cubic.cut(base, now, self._beta, self._c)
+        s.bound = max(1.0, base * self._beta)
+        cubic.hold_until = now + self.settings.decrease_interval
+
+    # -- Stripe's answers ------------------------------------------------------------------
     def on_rate_limited(self, endpoint: str, reason: str | None) -> None:
-        """Slow down the scope a 429's ``Stripe-Rate-Limited-Reason`` names.
+        """Activate (or cut again) the scope a 429's ``Stripe-Rate-Limited-Reason`` names.
 
-        ``global-rate``/``global-concurrency`` slow the account bucket; ``endpoint-rate``,
-        ``endpoint-concurrency`` (and any reason not known yet) slow the ``endpoint`` bucket.
-        None (a lock timeout) and ``resource-specific`` (a limit on one object, such as updates
-        to one PaymentIntent, not on the endpoint) change nothing: backoff handles them.
+        ``global-*`` names the account, ``endpoint-*`` (and any reason not known yet) the
+        ``endpoint``; ``*-concurrency`` adapts the in-flight bound, the others the rate. None
+        (a lock timeout) and ``resource-specific`` (one object's limit) change nothing.
         """
         if reason is None or not self._enabled:
             return
@@ -212,20 +443,68 @@ class RateLimiter:
         if not reason or reason == "resource-specific":
             return
         now = self._clock()
-        if reason in _GLOBAL_REASONS:
-            self._global.decrease(now, self.settings)
-            return
-        bucket = self._endpoints.get(endpoint)
-        if bucket is None:
-            bucket = self._endpoints[endpoint] = _Bucket(
-                self.settings.endpoint_rate, self.settings.endpoint_burst, now, self._share
-            )
-        bucket.decrease(now, self.settings)
+        s = self._global if reason in _GLOBAL_REASONS else self._scope(endpoint, now)
+        s.catch_up(now)
+        s.limited[s.idx] += 1
+        concurrency = reason in _CONCURRENCY_REASONS
+        cubic = s.concurrency if concurrency else s.rate_cubic
+        st = self.settings
+        if cubic.count(now) < st.min_429s or s.share_limited() < st.min_429_share:
+            return  # noise, or an answer to a request scheduled before the last cut
+        if concurrency:
+            self._throttle_concurrency(s, now)
+        else:
+            self._throttle_rate(s, now)
+
+    # -- reporting -------------------------------------------------------------------------
+    def _all(self) -> list[tuple[str, _Scope]]:
+        return [(GLOBAL_SCOPE, self._global), *self._scopes.items()]
 
     def rates(self) -> dict[str, float]:
-        """Current effective rate (requests/s) per scope: ``"global"`` and each endpoint seen."""
+        """Current rate (requests/s) of every scope that limits now (active or with a ceiling)."""
         now = self._clock()
-        result = {GLOBAL_SCOPE: self._global.current_rate(now)}
-        for endpoint, bucket in self._endpoints.items():
-            result[endpoint] = bucket.current_rate(now)
-        return result
+        out = {}
+        for name, s in self._all():
+            if s.limiting:
+                self._sync(s, now)
+            if s.limiting:
+                out[name] = s.rate
+        return out
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Every non-dormant scope: its mode, rate, in-flight bound and cubic parameters."""
+        now = self._clock()
+        out: dict[str, dict[str, Any]] = {}
+        for name, s in self._all():
+            if s.limiting:
+                self._sync(s, now)
+            self._sync_bound(s, now)
+            if not (s.limiting or s.concurrency.active):
+                continue
+            entry: dict[str, Any] = {"adaptive": s.rate_cubic.active, "ceiling": s.ceiling}
+            if s.limiting:
+                entry["rate"] = round(s.rate, 3)
+                entry["tokens"] = round(s.tokens, 3)
+            if s.rate_cubic.active:
+                entry["rate_cubic"] = s.rate_cubic.snapshot()
+            if s.concurrency.active:
+                entry["max_in_flight"] = round(s.bound, 3)
+                entry["concurrency_cubic"] = s.concurrency.snapshot()
+            out[name] = entry
+        return out
+
+
+async def wait_for_slot(
+    limiter: RateLimiter, endpoint: str, sleep: Callable[[float], Awaitable[None]]
+) -> bool:
+    """Wait up to ``max_wait`` for an in-flight slot under an adaptive concurrency bound.
+
+    Polls (a fixed number of times, so an injected sleep that returns at once cannot spin):
+    the bound is active only after Stripe answered ``*-concurrency``, so this path is rare.
+    """
+    step = limiter.settings.max_wait / _SLOT_POLLS
+    for _ in range(_SLOT_POLLS):
+        await sleep(step)
+        if limiter.acquire(endpoint):
+            return True
+    return False

@@ -235,8 +235,9 @@ class Responder:
         elif reason == "rate_limited":
             status, type_ = 429, "invalid_request_error"
             message = (
-                "The sidecar's client-side rate limit for this operation is exhausted; "
-                "this request was not sent to Stripe."
+                "Answered by the sidecar, not Stripe: Stripe rate limited recent requests, "
+                "so the sidecar paces them and this one would have waited longer than "
+                "ratelimit.max_wait. It was not sent to Stripe."
             )
         else:
             status, type_ = 503, "api_error"

@@ -233,3 +233,21 @@ def test_operation_breaker_cannot_require_several_operations():
         "operations.GET /v1/balance.breaker.min_failing_operations: 3 would keep an operation's breaker from ever opening; it applies to host_breaker only",
     ]
     assert config_from_dict({"host_breaker": {"min_failing_operations": 5}}).host_breaker.min_failing_operations == 5
+
+
+def test_ratelimit_ceilings_are_off_by_default_and_checked() -> None:
+    """No static cap by default; a burst without a rate, a factor of 1 and removed keys are errors."""
+    config = config_from_dict({})
+    assert (config.ratelimit.global_rate, config.ratelimit.endpoint_rate) == (None, None)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(
+            {
+                "ratelimit": {"global_burst": 5, "decrease_factor": 1, "recover_share_per_second": 0.2},
+                "operations": {"POST /v1/files": {"limits": {"endpoint_burst": 0.5}}},
+            }
+        )
+    text = "\n".join(err.value.problems)
+    assert "ratelimit.global_burst: a burst needs a ceiling rate (ratelimit.global_rate)" in text
+    assert "ratelimit.decrease_factor: 1.0 must be below 1" in text
+    assert "unknown key: ratelimit.recover_share_per_second" in text
+    assert "operations.POST /v1/files.limits.endpoint_burst: 0.5 is below 1 request" in text

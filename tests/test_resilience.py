@@ -307,7 +307,7 @@ async def test_host_breaker_opens_when_failures_span_operations(raw_upstream, ma
 
 
 async def test_rate_limiter_refuses_locally_when_the_wait_is_too_long(raw_upstream, make_sidecar):
-    """Beyond the burst, requests wait up to max_wait; past it they get a local 429 and Stripe sees nothing."""
+    """Under a ceiling, requests wait up to max_wait; past it they get a local 429 and Stripe sees nothing."""
     up = await raw_upstream(lambda r: OK)
     sleeps = Sleeps()
     sc = await make_sidecar(
@@ -326,19 +326,24 @@ async def test_rate_limiter_refuses_locally_when_the_wait_is_too_long(raw_upstre
     refused, _ = await exchange(sc.port, GET)
     err = refused[0].json()["error"]
     assert err["code"] == "sidecar_rate_limited"
+    assert "Answered by the sidecar" in err["message"]
     assert refused[0].header("Retry-After") is not None
 
 
-async def test_rate_limited_429_slows_the_limiter(raw_upstream, make_sidecar):
-    """A 429 naming endpoint-rate halves that operation's client-side rate."""
+async def test_rate_limited_429_activates_that_operations_limiter(raw_upstream, make_sidecar):
+    """A 429 naming endpoint-rate activates a limiter for that operation only, and the retry goes through."""
     limited = json_answer(429, b'{"error":{"type":"invalid_request_error","code":"rate_limit"}}', b"Stripe-Rate-Limited-Reason: endpoint-rate", reason=b"Too Many Requests")
-    up = await raw_upstream(script(limited, OK))
-    sc = await make_sidecar(up.url, sleep=Sleeps(), ratelimit={"enabled": True, "endpoint_rate": 40.0, "endpoint_burst": 40.0})
+    up = await raw_upstream(script(OK, limited, limited, OK))
+    sleeps = Sleeps()
+    sc = await make_sidecar(up.url, sleep=sleeps, ratelimit={"enabled": True, "max_wait": 5.0})
+    first, _ = await exchange(sc.port, GET)
+    assert first[0].status == 200
+    assert sc.forwarder.limiter.rates() == {}  # dormant: no scope limits
     answers, _ = await exchange(sc.port, GET)
     assert answers[0].status == 200
-    rates = sc.forwarder.limiter.rates()
-    assert 20.0 <= rates["GET /v1/customers/{customer}"] < 21.0
-    assert rates["global"] == 100.0
+    assert list(sc.forwarder.limiter.rates()) == ["GET /v1/customers/{customer}"]
+    assert sc.forwarder.limiter.state()["GET /v1/customers/{customer}"]["adaptive"] is True
+    assert len(up.received) == 4
 
 
 async def test_bulkhead_bounds_requests_in_flight(raw_upstream, make_sidecar):
@@ -401,12 +406,12 @@ async def test_retries_off_is_a_transparent_proxy(raw_upstream, make_sidecar):
 
 
 async def test_operation_limits_apply_to_that_operation_only(raw_upstream, make_sidecar):
-    """An operation's own endpoint_rate throttles it while other operations keep the default."""
+    """An operation's own endpoint_rate ceiling throttles it while other operations stay unlimited."""
     up = await raw_upstream(lambda r: OK)
     sc = await make_sidecar(
         up.url,
         sleep=Sleeps(),
-        ratelimit={"enabled": True, "endpoint_rate": 100.0, "endpoint_burst": 100.0, "max_wait": 0.01},
+        ratelimit={"enabled": True, "max_wait": 0.01},
         operations={"GET /v1/customers/{customer}": {"limits": {"endpoint_rate": 1.0, "endpoint_burst": 1.0}}},
     )
     limited = [(await exchange(sc.port, GET))[0][0].status for _ in range(3)]
