@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=12111)
     sim.add_argument("--profile", default="none", help="fault profile (none, bad_day, outage, ...)")
     sim.add_argument("--seed", type=int, default=0)
+    for name, what in (
+        ("account-rate", "rate limit per API key, requests/s (429 global-rate; default: none)"),
+        ("account-burst", "burst of the account limit (default: one second of its rate)"),
+        ("endpoint-rate", "rate limit per API key and operation (429 endpoint-rate)"),
+        ("endpoint-burst", "burst of the endpoint limit"),
+    ):
+        sim.add_argument(f"--{name}", type=float, default=None, help=what)
 
     demo = sub.add_parser("demo", help="show the sidecar against the simulator's faults")
     demo.add_argument("--requests", type=int, default=600, help="payments per run")
@@ -75,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         "--skip-outage",
         action="store_true",
         help="skip the second phase (Stripe down for 7 s behind a sidecar; about 12 s)",
+    )
+    demo.add_argument(
+        "--skip-rate-limit",
+        action="store_true",
+        help="skip the third phase (an app past the account's rate limit; about 9 s)",
     )
     return p
 
@@ -101,8 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from proxy.simulator import run_simulator
 
             try:
-                run_simulator(args.host, args.port, args.profile, args.seed)
-            except ValueError as exc:  # an unknown fault profile
+                limits = {
+                    k: v
+                    for k in ("account_rate", "account_burst", "endpoint_rate", "endpoint_burst")
+                    if (v := getattr(args, k)) is not None
+                }
+                run_simulator(args.host, args.port, args.profile, args.seed, limits)
+            except ValueError as exc:  # an unknown fault profile or a bad limit
                 print(f"stripe-sidecar simulate: {exc}", file=sys.stderr)
                 return 2
             return 0
@@ -116,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     profile=args.profile,
                     seed=args.seed,
                     outage=not args.skip_outage,
+                    rate_limit=not args.skip_rate_limit,
                 )
             )
     except ConfigError as exc:

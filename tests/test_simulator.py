@@ -627,3 +627,35 @@ def test_drop_does_not_log_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
     asyncio.run(go())
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
+
+
+async def test_account_rate_limit_answers_like_stripe_and_is_booked(
+        sim: SimulatorHandle, http: aiohttp.ClientSession) -> None:
+    """Past account_rate/burst a key gets 429 rate_limit with global-rate, counted in the books."""
+    async with http.post("/_sim/faults", json={"account_rate": 0.001, "account_burst": 3}) as resp:
+        assert (await resp.json())["account_rate"] == 0.001
+    statuses = []
+    for _ in range(5):
+        async with http.get("/v1/balance") as resp:
+            statuses.append(resp.status)
+            last_body, last_headers = await resp.json(), resp.headers
+    assert statuses == [200, 200, 200, 429, 429]
+    assert last_body["error"]["code"] == "rate_limit"
+    assert last_body["error"]["type"] == "invalid_request_error"
+    assert last_headers["Stripe-Rate-Limited-Reason"] == "global-rate"
+    assert "Request-Id" in last_headers
+    other_key = {"Authorization": "Bearer sk_test_other"}  # another key: its own bucket
+    async with aiohttp.ClientSession(base_url=sim.url) as other, other.get("/v1/balance", headers=other_key) as r:
+        assert r.status == 200
+    books = sim.books()
+    assert books["rate_limited"] == {"global-rate": 2}
+    assert books["requests"] == 6
+    async with http.post("/_sim/faults", json={"account_rate": 0}) as resp:
+        assert resp.status == 400  # a rate must be positive (or null)
+
+
+def test_simulate_command_takes_rate_limit_flags() -> None:
+    """`stripe-sidecar simulate --account-rate` rejects a bad rate before opening a socket."""
+    from proxy.cli import main
+
+    assert main(["simulate", "--port", "0", "--account-rate", "-5"]) == 2

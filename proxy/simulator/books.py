@@ -17,6 +17,8 @@ class Books:
     refs: dict[str, int] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
     replays: int = 0
+    # Answers of the account/endpoint rate limiters, by Stripe-Rate-Limited-Reason.
+    rate_limited: dict[str, int] = field(default_factory=dict)
 
     def record_request(self, operation: str) -> None:
         """Count one HTTP request for `operation` (a template, never a raw path)."""
@@ -26,6 +28,10 @@ class Books:
     def record_fault(self, kind: str) -> None:
         """Count one injected fault."""
         self.faults[kind] = self.faults.get(kind, 0) + 1
+
+    def record_rate_limited(self, reason: str) -> None:
+        """Count one request refused by a rate limiter (not a random fault)."""
+        self.rate_limited[reason] = self.rate_limited.get(reason, 0) + 1
 
     def record_write(self, ref: str | None) -> None:
         """Count one executed write; a second execution of the same `ref` is a duplicate."""
@@ -46,4 +52,5 @@ class Books:
             "refs": dict(self.refs),
             "faults": dict(self.faults),
             "replays": self.replays,
+            "rate_limited": dict(self.rate_limited),
         }

@@ -15,6 +15,11 @@ The kinds, and what a client sees:
 - slow: the answer comes `slow_seconds` late (the key stays in flight meanwhile).
 - outage (a flag, not a draw): every request gets an HTML 503 at once.
 
+Besides the random faults, a profile can rate limit like Stripe (not a draw either):
+`account_rate` requests/s per API key (burst `account_burst`, default one second's worth)
+answered `429 rate_limit` with `Stripe-Rate-Limited-Reason: global-rate` beyond it, and
+`endpoint_rate`/`endpoint_burst` the same per key and operation (`endpoint-rate`). Off: null.
+
 Pure code: `choose_fault` maps one uniform draw to at most one fault, so a seeded
 `random.Random` gives the same fault sequence on every run.
 """
@@ -52,6 +57,9 @@ EDGE_FAULTS: Final[frozenset[FaultKind]] = frozenset(
 )
 
 
+_LIMIT_FIELDS: Final = ("account_rate", "account_burst", "endpoint_rate", "endpoint_burst")
+
+
 @dataclass(frozen=True, slots=True)
 class FaultProfile:
     """Probability (0..1) of each fault kind per request, plus timings and a total outage."""
@@ -69,6 +77,10 @@ class FaultProfile:
     slow_seconds: float = 1.0
     work_seconds: float = 0.0
     outage: bool = False
+    account_rate: float | None = None
+    account_burst: float | None = None
+    endpoint_rate: float | None = None
+    endpoint_burst: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,6 +92,12 @@ class FaultProfile:
             v = getattr(self, name)
             if not isinstance(v, int | float) or isinstance(v, bool) or not 0.0 <= v < math.inf:
                 problems.append(f"{name}: {v!r} is not a non-negative number of seconds")
+        for name in _LIMIT_FIELDS:
+            v = getattr(self, name)
+            if v is not None and (
+                not isinstance(v, int | float) or isinstance(v, bool) or not 0.0 < v < math.inf
+            ):
+                problems.append(f"{name}: {v!r} is not a positive number (or null: no limit)")
         if not isinstance(self.outage, bool):
             problems.append(f"outage: {self.outage!r} is not a boolean")
         if not problems and self.total() > 1.0 + 1e-9:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from proxy.simulator.faults import FaultProfile, resolve_profile
+from proxy.simulator.faults import FaultProfile, profile_from_mapping
 from proxy.simulator.server import SIMULATOR, create_app
 from proxy.simulator.state import SimState
 
@@ -62,9 +62,16 @@ async def start_simulator(
         await runner.cleanup()
 
 
-def run_simulator(host: str, port: int, profile: str, seed: int) -> None:
-    """Serve until SIGTERM or SIGINT; print one line with the URL once listening."""
-    resolve_profile(profile)  # an unknown name fails here, before any socket opens
+def run_simulator(
+    host: str, port: int, profile: str, seed: int, limits: Mapping[str, float] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT; print one line with the URL once listening.
+
+    ``limits`` sets the profile's rate limits (``account_rate``, ``account_burst``,
+    ``endpoint_rate``, ``endpoint_burst``) on top of the named profile.
+    """
+    # An unknown name or a bad limit fails here (ValueError), before any socket opens.
+    resolved = profile_from_mapping({"profile": profile, **(limits or {})})
     try:
         import uvloop
     except ImportError:
@@ -72,17 +79,19 @@ def run_simulator(host: str, port: int, profile: str, seed: int) -> None:
     else:
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(host, port, profile, seed))
+        runner.run(_serve(host, port, profile, resolved, seed, limits or {}))
 
 
-async def _serve(host: str, port: int, profile: str, seed: int) -> None:
+async def _serve(host: str, port: int, name: str, profile: FaultProfile, seed: int,
+                 limits: Mapping[str, float]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         async with start_simulator(host, port, profile, seed) as sim:
-            print(f"stripe simulator listening on {sim.url} (profile={profile}, seed={seed})",
+            extra = "".join(f", {k}={v:g}" for k, v in limits.items())
+            print(f"stripe simulator listening on {sim.url} (profile={name}, seed={seed}{extra})",
                   flush=True)
             await stop.wait()
     finally:

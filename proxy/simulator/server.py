@@ -106,6 +106,12 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if profile.outage:
         sim.books.record_fault("outage")
         return _html(503)
+    if sim.limits.enabled:
+        account = key_from_header(request.headers.get("Authorization")) or ""
+        reason = sim.limits.check(account, found[0].operation if found else None)
+        if reason is not None:
+            sim.books.record_rate_limited(reason)
+            return _early_error(request, sim, errors.rate_limited(reason))
     fault = sim.draw_fault()
     if fault is not None:
         sim.books.record_fault(fault)
@@ -167,6 +173,11 @@ def _edge_fault(request: web.Request, sim: SimState, fault: FaultKind) -> web.St
         err = errors.lock_timeout()
     else:
         err = errors.server_error(should_retry=True)
+    return _early_error(request, sim, err)
+
+
+def _early_error(request: web.Request, sim: SimState, err: ApiError) -> web.Response:
+    """Answer an error raised before the API runs (a limiter, the edge): nothing is saved."""
     headers = {"Request-Id": sim.store.new_id("req"), **dict(err.headers)}
     version = request.headers.get("Stripe-Version")
     if version is not None:
