@@ -10,8 +10,14 @@ simulator goes from healthy to a total outage and back. It measures how much of 
 reached Stripe, how fast the sidecar failed, and how soon traffic flowed again, each number
 against its target.
 
+A third phase, the rate limit, pushes an app past the account's limit on a simulator that
+limits like Stripe (a token bucket per API key): the same open-loop load directly and through a
+fresh sidecar, which knows no limit in advance. It measures the share of what reaches Stripe
+that is rate limited, and the app's successful throughput against the limit.
+
 The pure part (planning payments, classifying answers, summing up, rendering) takes plain values;
-:func:`compare`, :func:`outage_drill` and :func:`run_demo` are the I/O shell.
+:func:`compare`, :func:`outage_drill`, :func:`rate_limit_push` and :func:`run_demo` are the I/O
+shell.
 """
 
 from __future__ import annotations
@@ -35,20 +41,27 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import Sidecar
 from proxy.config import Config, config_from_dict
-from proxy.simulator import start_simulator
+from proxy.simulator import FaultProfile, start_simulator
 from proxy.simulator.faults import resolve_profile
 
 __all__ = [
     "Comparison",
+    "LimitAnswer",
+    "LimitRun",
     "OutagePlan",
     "OutageReport",
+    "RateLimitPlan",
+    "RateLimitReport",
     "RunReport",
     "SidecarCounts",
     "compare",
     "outage_drill",
+    "rate_limit_push",
     "render",
     "render_outage",
+    "render_rate_limit",
     "run_demo",
+    "summarize_limit",
 ]
 
 OPERATION: Final = "POST /v1/payment_intents"
@@ -58,8 +71,6 @@ API_KEY: Final = "sk_test_demo0000000000000000000000"
 DECLINE_EVERY: Final = 20
 # Longer than the sidecar's 20 s retry deadline, so the sidecar, not the app, gives up first.
 APP_TIMEOUT: Final = 30.0
-# Stripe's default limits would throttle a demo that sends hundreds of payments a second.
-DEMO_RATE: Final = 1000.0
 
 Result = Literal["succeeded", "declined", "failed"]
 
@@ -338,7 +349,7 @@ def render(comparison: Comparison) -> str:
         f"{c.direct.attempted} payments, concurrency {c.concurrency}, fault profile "
         f"{c.profile!r}, seed {c.seed}.\n"
         "The app neither retries nor sends an Idempotency-Key. The sidecar runs with its\n"
-        "defaults, rate limits raised so that they do not throttle the demo.\n\n"
+        "defaults.\n\n"
         + render_table(c.direct, c.sidecar)
         + "\n"
         + render_summary(c.direct, c.sidecar, c.counts)
@@ -576,6 +587,132 @@ def render_outage(report: OutageReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- the rate-limit phase: pure part --------------------------------------------------------------
+SIDECAR_RATE_LIMITED: Final = "sidecar_rate_limited"
+# The app's traffic in the rate-limit phase: a payment and a read, in turn.
+LIMIT_OPERATIONS: Final = (OPERATION, "GET /v1/balance")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPlan:
+    """How the rate-limit phase runs: an account limit, and an app that offers more."""
+
+    limit: float = 50.0  # the account's limit on the simulator, requests/s per API key
+    offered: float = 150.0  # what the app sends, requests/s, open loop (it never waits)
+    seconds: float = 4.5  # per run: directly, then through a sidecar
+    settle: float = 2.0  # the measured window starts here: the sidecar learns the limit first
+
+
+@dataclass(frozen=True, slots=True)
+class LimitAnswer:
+    """One request of the rate-limit phase: when it started (s), its status and error code."""
+
+    started: float
+    status: int  # 0 when no answer came
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRun:
+    """One run of the rate-limit phase, from the app's answers and the simulator's books."""
+
+    label: str
+    requests: int  # what the app sent
+    succeeded: int  # 2xx answers
+    succeeded_after: int  # 2xx answers to requests started after the plan's settle time
+    refused_by_sidecar: int  # sidecar_rate_limited answers: never sent to Stripe
+    limited_by_stripe: int  # 429 rate_limit answers the app got from Stripe
+    stripe_requests: int  # books: every request Stripe received, retries included
+    stripe_limited: int  # books: of those, answered 429 by its rate limiter
+    stripe_requests_after: int  # the same two, from the settle time on
+    stripe_limited_after: int
+    seconds: float
+
+    @property
+    def limited_share_after(self) -> float:
+        """Share of what reached Stripe after the settle time that it rate limited."""
+        return share(self.stripe_limited_after, self.stripe_requests_after)
+
+
+def summarize_limit(label: str, plan: RateLimitPlan, answers: Sequence[LimitAnswer],
+                    books_at_settle: Mapping[str, Any], books_end: Mapping[str, Any],
+                    seconds: float) -> LimitRun:
+    """Combine the app's answers with the books at the settle time and at the end."""
+
+    def limited(books: Mapping[str, Any]) -> int:
+        return sum(books.get("rate_limited", {}).values())
+
+    ok = [a for a in answers if 200 <= a.status < 300]
+    return LimitRun(
+        label=label,
+        requests=len(answers),
+        succeeded=len(ok),
+        succeeded_after=sum(1 for a in ok if a.started >= plan.settle),
+        refused_by_sidecar=sum(1 for a in answers if a.code == SIDECAR_RATE_LIMITED),
+        limited_by_stripe=sum(1 for a in answers if a.status == 429 and a.code == "rate_limit"),
+        stripe_requests=int(books_end.get("requests", 0)),
+        stripe_limited=limited(books_end),
+        stripe_requests_after=int(books_end.get("requests", 0))
+        - int(books_at_settle.get("requests", 0)),
+        stripe_limited_after=limited(books_end) - limited(books_at_settle),
+        seconds=seconds,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitReport:
+    """Both runs of the rate-limit phase."""
+
+    plan: RateLimitPlan
+    direct: LimitRun
+    sidecar: LimitRun
+
+    def throughput(self, run: LimitRun) -> float:
+        """The app's successes per second after the settle time."""
+        window = self.plan.seconds - self.plan.settle
+        return run.succeeded_after / window if window > 0 else math.nan
+
+
+def render_rate_limit(report: RateLimitReport) -> str:
+    """Everything the rate-limit phase prints: set-up, table, what it shows."""
+    p, d, s = report.plan, report.direct, report.sidecar
+    head = (
+        f"Rate limit: the account allows {p.limit:.0f} requests/s per API key (Stripe: 100/s "
+        f"live, 25/s sandbox) and the app offers {p.offered:.0f}/s for {p.seconds:g} s, in turn "
+        f"{LIMIT_OPERATIONS[0]} and {LIMIT_OPERATIONS[1]}, never retrying; directly, then "
+        f"through a fresh sidecar with its defaults (no limit configured: it learns from "
+        f"Stripe's 429s). Measured from {p.settle:.1f} s on, unless said otherwise."
+    )
+    rows: list[tuple[str, str, str]] = [("", "direct", "through sidecar")]
+
+    def row(label: str, pick: Callable[[LimitRun], str]) -> None:
+        rows.append((label, pick(d), pick(s)))
+
+    def pct(value: float) -> str:
+        return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
+
+    row("app requests (whole run)", lambda r: str(r.requests))
+    row("Stripe requests (whole run)", lambda r: str(r.stripe_requests))
+    row("Stripe requests", lambda r: str(r.stripe_requests_after))
+    row("  rate limited by Stripe", lambda r: f"{r.stripe_limited_after} "
+        f"({pct(r.limited_share_after)})")
+    row("app successes / s", lambda r: f"{report.throughput(r):.1f} "
+        f"({pct(report.throughput(r) / p.limit)})")
+    row("answered by the sidecar (whole run)", lambda r: str(r.refused_by_sidecar))
+    lines = [textwrap.fill(head, width=96), ""]
+    lines += [f"{a:<36}{b:>16}{c:>20}".rstrip() for a, b, c in rows]
+    summary = (
+        f"Directly, Stripe refuses {pct(d.limited_share_after)} of what it receives. The sidecar "
+        f"brings that to {pct(s.limited_share_after)} while the app still gets "
+        f"{report.throughput(s):.0f} successes/s against a limit of {p.limit:.0f}/s; the excess "
+        f"waits up to ratelimit.max_wait, then gets 429 {SIDECAR_RATE_LIMITED} from the "
+        f"sidecar ({s.refused_by_sidecar}), which never reached Stripe."
+    )
+    lines += ["", textwrap.fill(summary, width=96)]
+    lines += ["", f"Run time: direct {d.seconds:.1f} s, through sidecar {s.seconds:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
 class Progress:
     """One status line per phase on a stream: redrawn with ``\\r`` on a TTY, else plain lines."""
 
@@ -681,17 +818,11 @@ async def _run_phase(label: str, base_url: str, payments: Sequence[Payment], con
 
 
 def _sidecar_config(upstream_url: str) -> Config:
-    """The sidecar's defaults, pointed at ``upstream_url``, with rate limits that never bind."""
+    """The sidecar's defaults, pointed at ``upstream_url``."""
     return config_from_dict(
         {
             "server": {"listen": "127.0.0.1:0", "drain_period": 0, "shutdown_grace": 2.0},
             "upstream": {"override": upstream_url},
-            "ratelimit": {
-                "global_rate": DEMO_RATE,
-                "global_burst": DEMO_RATE,
-                "endpoint_rate": DEMO_RATE,
-                "endpoint_burst": DEMO_RATE,
-            },
         },
         source="demo",
     )
@@ -855,9 +986,83 @@ async def _drive_outage(plan: OutagePlan, session: aiohttp.ClientSession, base_u
     return answers, timeline
 
 
+async def _limit_call(session: aiohttp.ClientSession, base_url: str, i: int, started: float,
+                      answers: list[LimitAnswer], progress: Progress) -> None:
+    """One request of the rate-limit phase, as an app without retries makes it."""
+    try:
+        if i % len(LIMIT_OPERATIONS) == 0:
+            payment = Payment(ref=f"limit_{i:06d}", amount=1500, payment_method="pm_card_visa")
+            request = session.post(base_url + PATH, data=payment.form())
+        else:
+            request = session.get(base_url + "/v1/balance")
+        async with request as resp:
+            status, body = resp.status, await resp.read()
+    except (TimeoutError, aiohttp.ClientError):
+        status, body = 0, b""
+    answers.append(LimitAnswer(started, status, error_code(body) if status >= 400 else ""))
+    progress.record("succeeded" if 200 <= status < 300 else "failed")
+
+
+async def _offer(plan: RateLimitPlan, base_url: str, books: Callable[[], dict[str, Any]],
+                 progress: Progress, label: str) -> tuple[list[LimitAnswer], dict[str, Any], float]:
+    """Start ``plan.offered`` requests/s for ``plan.seconds``, whatever comes back (open loop).
+
+    Returns the answers, the books at the settle time, and the run time.
+    """
+    answers: list[LimitAnswer] = []
+    at_settle: dict[str, Any] = {}
+    total = round(plan.offered * plan.seconds)
+    progress.start(label, total)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=aiohttp.ClientTimeout(total=APP_TIMEOUT),
+    ) as session:
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(total):
+            started = i / plan.offered
+            delay = t0 + started - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the app's schedule: it never waits for an answer
+            if not at_settle and started >= plan.settle:
+                at_settle = books()
+            tasks.append(asyncio.create_task(
+                _limit_call(session, base_url, i, started, answers, progress)))
+        await asyncio.gather(*tasks)
+        seconds = time.perf_counter() - t0
+    progress.finish()
+    return answers, at_settle, seconds
+
+
+async def rate_limit_push(plan: RateLimitPlan = RateLimitPlan(), *,
+                          progress: Progress) -> RateLimitReport:
+    """Offer more than the account's limit directly, then through a fresh sidecar."""
+    profile = FaultProfile(account_rate=plan.limit)
+    runs = []
+    for label in ("direct", "through sidecar"):
+        async with start_simulator(profile=profile) as sim:
+            base_url = sim.url
+            sidecar = None
+            if label != "direct":
+                sidecar = Sidecar(_sidecar_config(sim.url), registry=CollectorRegistry(),
+                                  log_stream=io.StringIO())
+                base_url = f"http://127.0.0.1:{await sidecar.start()}"
+            try:
+                answers, at_settle, seconds = await _offer(plan, base_url, sim.books, progress,
+                                                           f"rate limit, {label}")
+            finally:
+                if sidecar is not None:
+                    await sidecar.stop()
+            runs.append(summarize_limit(label, plan, answers, at_settle, sim.books(), seconds))
+    return RateLimitReport(plan, runs[0], runs[1])
+
+
 async def run_demo(*, requests: int = 600, concurrency: int = 20, profile: str = "bad_day",
-                   seed: int = 7, outage: bool = True) -> int:
-    """Run the comparison, then (``outage``) the outage phase; print on stdout; the exit status.
+                   seed: int = 7, outage: bool = True, rate_limit: bool = True) -> int:
+    """Run the comparison, then the outage and rate-limit phases (each can be left out).
+
+    Everything is printed on stdout; returns the exit status.
 
     A missed target is printed as such; the exit status stays 0.
     """
@@ -882,5 +1087,9 @@ async def run_demo(*, requests: int = 600, concurrency: int = 20, profile: str =
     if outage:
         report = await outage_drill(progress=progress)
         sys.stdout.write("\n" + render_outage(report))
+        sys.stdout.flush()
+    if rate_limit:
+        limits = await rate_limit_push(progress=progress)
+        sys.stdout.write("\n" + render_rate_limit(limits))
         sys.stdout.flush()
     return 0

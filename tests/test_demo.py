@@ -17,19 +17,25 @@ from proxy.demo import (
     CIRCUIT_OPEN,
     OPERATION,
     Answer,
+    LimitAnswer,
     OutagePlan,
     OutageReport,
     OutageTimeline,
     Progress,
+    RateLimitPlan,
+    RateLimitReport,
     SidecarView,
     classify_answer,
     compare,
     error_code,
     outage_drill,
     percentile,
+    rate_limit_push,
     render_outage,
+    render_rate_limit,
     run_demo,
     sidecar_view,
+    summarize_limit,
     summarize_outage,
 )
 
@@ -242,7 +248,8 @@ async def test_demo_prints_the_table_with_consistent_numbers(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """run_demo prints every row; each column adds up and the sidecar charges nobody twice."""
-    status = await run_demo(requests=120, concurrency=10, profile="bad_day", seed=7, outage=False)
+    status = await run_demo(requests=120, concurrency=10, profile="bad_day", seed=7, outage=False,
+                            rate_limit=False)
     out, err = capsys.readouterr()
     assert status == 0
     rows = table(out)
@@ -323,7 +330,7 @@ async def test_run_demo_prints_the_outage_phase_and_exits_zero_on_a_miss(
         return missed
 
     monkeypatch.setattr(proxy.demo, "outage_drill", drill)
-    status = await run_demo(requests=20, concurrency=5, profile="none", seed=7)
+    status = await run_demo(requests=20, concurrency=5, profile="none", seed=7, rate_limit=False)
     out = capsys.readouterr().out
     assert status == 0
     assert out.index("through sidecar") < out.index("Outage:")
@@ -339,9 +346,10 @@ async def test_bad_arguments_are_reported_not_raised(capsys: pytest.CaptureFixtu
 
 
 def test_cli_demo_exits_zero() -> None:
-    """`python -m proxy demo --requests 40 --skip-outage` prints the table, and no outage."""
+    """`python -m proxy demo --requests 40 --skip-outage --skip-rate-limit` prints the table only."""
     done = subprocess.run(
-        [sys.executable, "-m", "proxy", "demo", "--requests", "40", "--skip-outage"],
+        [sys.executable, "-m", "proxy", "demo", "--requests", "40", "--skip-outage",
+         "--skip-rate-limit"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -352,3 +360,32 @@ def test_cli_demo_exits_zero() -> None:
     assert rows["payments attempted"] == ("40", "40")
     assert "Traceback" not in done.stderr
     assert "Outage:" not in done.stdout
+    assert "Rate limit:" not in done.stdout
+
+
+def test_rate_limit_summary_counts_against_the_books() -> None:
+    """summarize_limit takes Stripe's counts from the books' difference, the app's from its answers."""
+    plan = RateLimitPlan(limit=50.0, offered=150.0, seconds=4.0, settle=2.0)
+    answers = [LimitAnswer(0.5, 200, ""), LimitAnswer(2.5, 200, ""),
+               LimitAnswer(2.6, 429, "sidecar_rate_limited"), LimitAnswer(3.0, 429, "rate_limit")]
+    run = summarize_limit("through sidecar", plan, answers,
+                          {"requests": 100, "rate_limited": {"global-rate": 10}},
+                          {"requests": 200, "rate_limited": {"global-rate": 15}}, 4.1)
+    assert (run.requests, run.succeeded, run.succeeded_after) == (4, 2, 1)
+    assert (run.refused_by_sidecar, run.limited_by_stripe) == (1, 1)
+    assert (run.stripe_requests_after, run.stripe_limited_after) == (100, 5)
+    assert run.limited_share_after == 0.05
+    report = RateLimitReport(plan, run, run)
+    assert report.throughput(run) == 0.5
+    text = render_rate_limit(report)
+    assert "5 (5.0%)" in text and "0.5 (1.0%)" in text
+
+
+async def test_rate_limit_phase_learns_the_limit_through_the_sidecar() -> None:
+    """The phase itself: directly ~2/3 rate limited; through the sidecar at most 10%, >= 80% of the limit used."""
+    report = await rate_limit_push(progress=Progress(io.StringIO()))
+    assert report.direct.limited_share_after > 0.5
+    assert report.sidecar.limited_share_after <= 0.10, report.sidecar
+    assert report.throughput(report.sidecar) >= 0.8 * report.plan.limit, report.sidecar
+    assert report.sidecar.refused_by_sidecar > 0
+    assert report.direct.refused_by_sidecar == 0
