@@ -7,7 +7,7 @@ Every target stands in front of the same fast upstream (nginx answering a fixed 
 JSON, or ``fake_stripe.py`` without nginx) on 127.0.0.1 and gets the same requests:
 
 1. ``direct``: the client talks to the upstream itself (the floor);
-2. ``sidecar``: ``python -m proxy serve --config bench/sidecar-bench.yaml``, every feature on;
+2. ``sidecar``: ``python -m proxy serve`` with the shipped default config (every feature on);
 3. ``aiohttp``: ``bench/aiohttp_passthrough.py``, a bare aiohttp server + ClientSession;
 4. ``envoy``: Envoy, one worker, HTTP connection manager + router, access log to /dev/null.
 
@@ -416,9 +416,7 @@ def start_targets(env: Environment, procs: Processes, workdir: Path) -> tuple[li
             PY,
             "-m",
             "proxy",
-            "serve",
-            "--config",
-            str(BENCH / "sidecar-bench.yaml"),
+            "serve",  # no --config: the shipped defaults, every feature on, as users run it
             "--listen",
             f"127.0.0.1:{port}",
             "--upstream",
