@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy import __version__
 from proxy.config import Config, config_warnings, parse_listen
+from proxy.deadlines import Deadlines
 from proxy.fdlimit import FdPlan, plan_connections, raise_nofile_limit
 from proxy.forward import Forwarder
 from proxy.log import Logger
@@ -73,9 +74,13 @@ class Sidecar:
         self._flusher: asyncio.TimerHandle | None = None
         self._limited_scopes: set[str] = set()  # scopes with a ratelimit_rate sample
         self.report: ShutdownReport | None = None  # how the last stop() ended
+        # Every time-out (client heads, bodies, idle connections, attempts, streams) is swept
+        # by this one owner, on the injected clock: a test moves a fake clock and sweeps.
+        self.deadlines = Deadlines(clock, _sweep_resolution(config))
 
     async def start(self) -> int:
         """Listen on ``server.listen``; return the bound port."""
+        self.deadlines.start()
         self.forwarder = Forwarder(
             self.config,
             metrics=self.metrics,
@@ -100,6 +105,7 @@ class Sidecar:
             on_overload=self.metrics.connections_over_bound.inc,
             body_timeout=s.body_timeout,
             body_deadline=s.body_deadline,
+            deadlines=self.deadlines,
         )
         self.server.forward = self.forwarder.forward  # skip this class's indirection per request
         host, port = parse_listen(s.listen)
@@ -147,6 +153,7 @@ class Sidecar:
             self.forwarder.close()
         if self._flusher is not None:
             self._flusher.cancel()
+        self.deadlines.stop()
         self.report = report
         self.log.event(
             "stopped",
@@ -247,6 +254,16 @@ class Sidecar:
             for scope, b in self.forwarder.breakers().items()
             if b.state.value != "closed"
         }
+
+
+def _sweep_resolution(config: Config) -> float:
+    """How often deadlines are swept: a fifth of the shortest time-out, within 10-250 ms."""
+    s, r = config.server, config.retry
+    shortest = min(
+        [s.header_timeout, s.idle_timeout, s.body_timeout, r.attempt_timeout]
+        + [o.retry.attempt_timeout for o in config.operations.values()]
+    )
+    return min(0.25, max(0.01, shortest / 5))
 
 
 async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -> int:

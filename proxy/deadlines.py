@@ -10,7 +10,7 @@ calls :meth:`Deadlines.sweep` drives every time-out without waiting.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 __all__ = ["Deadlines", "Expiring"]
@@ -26,9 +26,14 @@ class Expiring(Protocol):
 
 
 class Deadlines:
-    """Armed deadlines, swept every ``resolution`` seconds (so at most that late)."""
+    """Armed deadlines, swept every ``resolution`` seconds (so at most that late).
 
-    __slots__ = ("_armed", "_handle", "_loop", "clock", "resolution")
+    Two ways in: :meth:`arm` one item for one deadline (an upstream attempt), or :meth:`watch` a
+    whole collection whose members set their own ``deadline`` as they go (the client
+    connections, whose one deadline means head, body, idle or linger in turn).
+    """
+
+    __slots__ = ("_armed", "_groups", "_handle", "_loop", "clock", "resolution")
 
     def __init__(self, clock: Callable[[], float], resolution: float) -> None:
         if resolution <= 0:
@@ -36,6 +41,7 @@ class Deadlines:
         self.clock = clock
         self.resolution = resolution
         self._armed: set[Expiring] = set()
+        self._groups: list[Collection[Expiring]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
 
@@ -50,9 +56,17 @@ class Deadlines:
             self._handle.cancel()
             self._handle = None
 
+    def watch(self, group: Collection[Expiring]) -> None:
+        """Sweep every member of ``group`` too, for as long as it is in it (0.0: no deadline)."""
+        self._groups.append(group)
+
     def arm(self, item: Expiring, seconds: float) -> None:
         """Expire ``item`` once ``seconds`` have passed (re-arming moves its deadline)."""
-        item.deadline = self.clock() + seconds
+        self.arm_at(item, self.clock() + seconds)
+
+    def arm_at(self, item: Expiring, when: float) -> None:
+        """Expire ``item`` at clock time ``when``."""
+        item.deadline = when
         self._armed.add(item)
 
     def disarm(self, item: Expiring) -> None:
@@ -66,10 +80,15 @@ class Deadlines:
         due = [item for item in self._armed if item.deadline <= now]
         for item in due:
             self._armed.discard(item)
+        for group in self._groups:
+            due += [item for item in group if 0.0 < item.deadline <= now]
+        expired = 0
+        for item in due:
             if item.deadline:  # 0.0: disarmed by an earlier expiry in this sweep
                 item.deadline = 0.0
                 item.expire()
-        return len(due)
+                expired += 1
+        return expired
 
     def _tick(self) -> None:
         self.sweep()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -21,6 +22,7 @@ from typing import Any, Protocol, cast
 import httptools
 
 from proxy import door
+from proxy.deadlines import Deadlines
 from proxy.errors import ClientGone
 from proxy.replies import error_response
 
@@ -65,6 +67,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # What the connection's one deadline currently means.
 _NO_DEADLINE, _HEAD, _IDLE, _BODY, _LINGER = 0, 1, 2, 3, 4
+_WAITING_FOR = {_IDLE: "idle", _BODY: "body", _LINGER: "linger"}
 # After the last answer on a connection whose client may still be sending (a refusal, a stray
 # byte after a closing request), the sidecar half-closes and reads (discarding) for up to this
 # long before closing: closing with unread input makes the kernel send a reset, which can
@@ -245,8 +248,14 @@ class Server:
         max_connections: int = 1 << 30,
         overflow: int = 64,
         on_overload: Callable[[], None] | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.handler = handler
+        # Head, body, idle and linger deadlines are on the sidecar's one clock and sweeper.
+        self.deadlines = deadlines if deadlines is not None else Deadlines(time.monotonic, 0.1)
+        self.clock = self.deadlines.clock
+        self.connections: set[ClientConnection] = set()
+        self.deadlines.watch(self.connections)
         # Resolved once: called for every request.
         self.forward: Callable[[Request, ClientConnection], Coroutine[Any, Any, None]] = (
             handler.forward
@@ -264,15 +273,12 @@ class Server:
         self.max_connections = max_connections
         self.overflow = overflow
         self._on_overload = on_overload
-        self.connections: set[ClientConnection] = set()
         self.overloaded = 0  # connections in ``connections`` over the bound, answered 503
         self.tasks: set[asyncio.Task[None]] = set()  # request tasks not finished yet
         self.stopping = False  # shutdown has begun: /ready says 503, serving goes on
         self.closing = False  # the drain is over: no new connections, answers close theirs
         self._server: asyncio.base_events.Server | None = None
         self._idle_event: asyncio.Event | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._sweep_every = 1.0
         self.overloaded_answer = error_response(
             503,
             "overloaded",
@@ -291,20 +297,8 @@ class Server:
         self._server = await loop.create_server(
             lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
         )
-        shortest = min(self.header_timeout, self.idle_timeout)
-        self._sweep_every = min(1.0, max(0.02, shortest / 4))
-        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
         return int(self._server.sockets[0].getsockname()[1])
 
-    def _sweep(self) -> None:
-        """Expire connections whose head or idle deadline has passed."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for conn in [c for c in self.connections if c.deadline and c.deadline <= now]:
-            conn.expire()
-        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
-
-    # -- connections and tasks ------------------------------------------------------------------
     def admit(self, conn: ClientConnection) -> bool:
         """Count a new connection in; False if it was answered and closed at once.
 
@@ -408,9 +402,6 @@ class Server:
                 conn.abort()
             else:
                 conn.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
         loop = asyncio.get_running_loop()
         flushed = loop.time() + 1.0
         while self.connections and loop.time() < flushed:
@@ -444,9 +435,9 @@ class ClientConnection(asyncio.Protocol):
         self._pending_refusal: bytes | None = None
         # One deadline per connection, checked by the server's sweeper: cheaper than a timer
         # handle created and cancelled for every request. ``_deadline_kind`` says which one.
-        self.deadline = 0.0  # loop time; 0 = none
+        self.deadline = 0.0  # clock time (the sidecar's one clock); 0 = none
         self._deadline_kind = _NO_DEADLINE
-        self._body_by = 0.0  # loop time by which the body being read must be complete
+        self._body_by = 0.0  # clock time by which the body being read must be complete
         self._reading_paused = False
         self._write_paused = False
         self._body_full = False  # the streamed body being read is not consumed fast enough
@@ -463,7 +454,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if not self._server.admit(self):
             return
-        self.deadline = self._loop.time() + self._server.header_timeout
+        self.deadline = self._server.clock() + self._server.header_timeout
         self._deadline_kind = _HEAD
 
     def data_received(self, data: bytes) -> None:
@@ -593,7 +584,7 @@ class ClientConnection(asyncio.Protocol):
             self.resume_reading()
 
     def _arm_body(self, timeout: float) -> None:
-        self.deadline = min(self._body_by, self._loop.time() + timeout)
+        self.deadline = min(self._body_by, self._server.clock() + timeout)
         self._deadline_kind = _BODY
 
     # -- httptools callbacks --------------------------------------------------------------
@@ -608,7 +599,7 @@ class ClientConnection(asyncio.Protocol):
         if self._deadline_kind != _HEAD:
             # Slowloris guard: the whole head must arrive within header_timeout (counted from
             # the connection's start for its first request).
-            self.deadline = self._loop.time() + self._server.header_timeout
+            self.deadline = self._server.clock() + self._server.header_timeout
             self._deadline_kind = _HEAD
 
     def on_url(self, url: bytes) -> None:
@@ -687,7 +678,7 @@ class ClientConnection(asyncio.Protocol):
             raise _refusal(refusal)
         length = req.content_length
         if req.chunked or length:
-            self._body_by = self._loop.time() + server.body_deadline
+            self._body_by = self._server.clock() + server.body_deadline
             self._arm_body(server.body_timeout)
         else:
             self.deadline, self._deadline_kind = 0.0, _NO_DEADLINE
@@ -850,7 +841,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._flow()
         if self._req is None:
-            self.deadline = self._loop.time() + self._server.idle_timeout
+            self.deadline = self._server.clock() + self._server.idle_timeout
             self._deadline_kind = _IDLE
 
     def _close_after_refusal(self) -> None:
@@ -873,7 +864,7 @@ class ClientConnection(asyncio.Protocol):
         if may_send and not self._eof and not self._server.closing:
             self._input_done = True  # what still comes is discarded
             transport.write_eof()  # after what is buffered: the client sees the whole answer
-            self.deadline = self._loop.time() + _LINGER_SECONDS
+            self.deadline = self._server.clock() + _LINGER_SECONDS
             self._deadline_kind = _LINGER
             if self._reading_paused:
                 self._reading_paused = False
@@ -911,8 +902,17 @@ class ClientConnection(asyncio.Protocol):
             close=True,
         )
 
+    @property
+    def waiting_for(self) -> str | None:
+        """What the connection's deadline is waiting for now: ``head`` (of a request begun),
+        ``first_byte``, ``body``, ``idle`` or ``linger``; None when it waits for nothing."""
+        kind = self._deadline_kind
+        if kind == _HEAD:
+            return "head" if self._req is not None else "first_byte"
+        return _WAITING_FOR.get(kind)
+
     def expire(self) -> None:
-        """The deadline passed (called by the server's sweeper)."""
+        """The deadline passed (called by the sweeper)."""
         kind = self._deadline_kind
         self.deadline = 0.0
         self._deadline_kind = _NO_DEADLINE
@@ -931,7 +931,7 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(b"", 408)  # connected and sent nothing
 
     def _body_expired(self) -> None:
-        now = self._loop.time()
+        now = self._server.clock()
         if self._reading_paused and now < self._body_by:
             self._arm_body(self._server.body_timeout)  # we stopped reading: not the client
             return

@@ -1,6 +1,8 @@
-"""A monotonic clock for the pure core's tests: it moves only when told."""
+"""A monotonic clock for tests: it moves only when told, or when a test's sleep "waits"."""
 
 from __future__ import annotations
+
+import asyncio
 
 
 class FakeClock:
@@ -15,3 +17,8 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         """Move time forward."""
         self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        """An ``asyncio.sleep`` stand-in for the code under test: the time passes at once."""
+        self.now += seconds
+        await asyncio.sleep(0)

@@ -62,3 +62,20 @@ def test_resolution_must_be_positive() -> None:
     """A zero resolution would spin the loop."""
     with pytest.raises(ValueError, match="resolution"):
         Deadlines(FakeClock(), 0.0)
+
+
+def test_watched_members_expire_by_their_own_deadline_while_in_the_group() -> None:
+    """Members of a watched collection expire when due; a member that left is never swept."""
+    clock = FakeClock()
+    deadlines = Deadlines(clock, 0.1)
+    group: set[Item] = set()
+    deadlines.watch(group)
+    stays, leaves, idle = Item(clock), Item(clock), Item(clock)
+    group |= {stays, leaves, idle}
+    stays.deadline = clock() + 1.0
+    leaves.deadline = clock() + 1.0
+    group.discard(leaves)
+    clock.advance(1.0)
+    assert deadlines.sweep() == 1
+    assert stays.expired_at == [clock()] and leaves.expired_at == [] and idle.expired_at == []
+    assert stays in group  # watching never removes members: they set their next deadline
