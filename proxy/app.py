@@ -89,6 +89,7 @@ class Sidecar:
             clock=self._clock,
             sleep=self._sleep,
             rand=self._rand,
+            deadlines=self.deadlines,
         )
         s = self.config.server
         plan = self._plan_fds()

@@ -1,13 +1,17 @@
 """Bounded in-flight requests to Stripe, for the whole sidecar and per operation.
 
 ``try_enter`` is the synchronous fast path; ``enter`` waits (first come, first served) for at
-most ``max_wait`` seconds. A slot is given back with ``leave``.
+most ``max_wait`` seconds, timed by the sidecar's one :class:`~proxy.deadlines.Deadlines`. A slot
+is given back with ``leave``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
+
+from proxy.deadlines import Deadlines
 
 __all__ = ["Bulkhead", "Compartment"]
 
@@ -25,7 +29,10 @@ class Compartment:
 class Bulkhead:
     """Global and per-compartment limits on concurrent upstream requests."""
 
-    def __init__(self, max_in_flight: int, max_wait: float) -> None:
+    def __init__(
+        self, max_in_flight: int, max_wait: float, deadlines: Deadlines | None = None
+    ) -> None:
+        self._deadlines = deadlines if deadlines is not None else Deadlines(time.monotonic, 0.05)
         self.limit = max_in_flight
         self.in_flight = 0
         self.max_wait = max_wait
@@ -53,18 +60,23 @@ class Bulkhead:
             return True
         if self.max_wait <= 0:
             return False
-        waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (comp, waiter)
         self._waiters.append(entry)
+        timer = _WaitTimer(waiter)
+        self._deadlines.arm(timer, self.max_wait)
         try:
-            async with asyncio.timeout(self.max_wait):
-                await waiter
+            await waiter
             return True
-        except TimeoutError:
-            # A slot may have been handed over just as the wait ran out.
-            return waiter.done() and not waiter.cancelled()
+        except asyncio.CancelledError:
+            if timer.fired:
+                return False  # max_wait passed with no slot free
+            if waiter.done() and not waiter.cancelled():
+                self.leave(comp)  # handed a slot just as the request was cancelled: give it back
+            raise
         finally:
-            if (not waiter.done() or waiter.cancelled()) and entry in self._waiters:
+            self._deadlines.disarm(timer)
+            if entry in self._waiters:
                 self._waiters.remove(entry)
 
     def leave(self, comp: Compartment) -> None:
@@ -81,3 +93,19 @@ class Bulkhead:
                 other.in_flight += 1
                 waiter.set_result(None)
                 break
+
+
+class _WaitTimer:
+    """Ends a wait for a slot at ``max_wait`` (armed on the Deadlines)."""
+
+    __slots__ = ("_waiter", "deadline", "fired")
+
+    def __init__(self, waiter: asyncio.Future[None]) -> None:
+        self._waiter = waiter
+        self.deadline = 0.0
+        self.fired = False
+
+    def expire(self) -> None:
+        if not self._waiter.done():
+            self.fired = True
+            self._waiter.cancel()

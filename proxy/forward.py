@@ -28,6 +28,7 @@ from proxy.classify import (
     classify_transport_error,
 )
 from proxy.config import Config, OperationSettings
+from proxy.deadlines import Deadlines
 from proxy.errors import UpstreamError
 from proxy.log import Logger
 from proxy.metrics import Metrics
@@ -198,9 +199,12 @@ class Forwarder:
         wall: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        # Attempt, stream and connect time-outs: the sidecar's one sweeper, on ``clock``.
+        self.deadlines = deadlines if deadlines is not None else Deadlines(clock, 0.1)
         self.log = logger
         self._observers = tuple(observers)
         self._clock = clock
@@ -208,7 +212,7 @@ class Forwarder:
         self._rand = rand
         self._sleep = sleep
         self.router = Router(config.upstream.routes)
-        self.pools = _pools(config, clock)
+        self.pools = _pools(config, self.deadlines)
         self.host_breaker = CircuitBreaker(
             config.host_breaker, clock, self._on_transition("upstream")
         )
@@ -217,7 +221,7 @@ class Forwarder:
         r = config.retry
         self.budget = RetryBudget(r.budget_ratio, r.budget_min_per_second, r.budget_window, clock)
         b = config.bulkhead
-        self.bulkhead = Bulkhead(b.max_in_flight, b.max_wait) if b.enabled else None
+        self.bulkhead = Bulkhead(b.max_in_flight, b.max_wait, self.deadlines) if b.enabled else None
         self._inject = config.idempotency.inject
         # Injected keys: a random 128-bit base drawn once per process, then a counter. Unique by
         # construction (a key reused for another request would make Stripe replay the wrong
@@ -225,21 +229,10 @@ class Forwarder:
         self._key_base = (config.idempotency.key_prefix + os.urandom(16).hex() + "-").encode()
         self._key_count = 0
         self._ops: dict[str, _Op] = {}
-        # Attempts waiting for an answer, each with a deadline the sweeper enforces: cheaper
-        # than a timer handle per attempt, at the cost of up to one sweep interval of lateness.
-        self._armed: set[Connection] = set()
-        shortest = min(
-            [config.retry.attempt_timeout]
-            + [o.retry.attempt_timeout for o in config.operations.values()]
-        )
-        self._sweep_every = min(0.25, max(0.01, shortest / 5))
-        self._loop = asyncio.get_running_loop()
-        self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         self.respond = Responder(
             sidecar_headers=config.server.sidecar_headers,
             stream_idle=config.retry.attempt_timeout,
-            armed=self._armed,
-            loop=self._loop,
+            deadlines=self.deadlines,
         )
         metrics.breaker_state.labels("upstream").set(0)
 
@@ -286,18 +279,8 @@ class Forwarder:
         out.update({name: op.breaker for name, op in self._ops.items() if op.breaker is not None})
         return out
 
-    def _sweep(self) -> None:
-        """Time out attempts whose deadline has passed."""
-        now = self._loop.time()
-        for conn in [c for c in self._armed if c.deadline <= now]:
-            self._armed.discard(conn)
-            if conn.deadline:  # 0: its exchange ended meanwhile
-                conn.on_timeout()
-        self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
-
     def close(self) -> None:
-        """Stop the sweeper and close pooled upstream connections."""
-        self._sweeper.cancel()
+        """Close pooled upstream connections."""
         for pool in self.pools.values():
             pool.close()
 
@@ -514,7 +497,7 @@ class Forwarder:
         """
         req, pool = call.req, call.op.pool
         head_only = req.method == "HEAD"
-        deadline = pool.loop.time() + timeout
+        deadline = self.deadlines.clock() + timeout
         if req.source is not None:
             # Never a possibly-stale pooled connection: a streamed body cannot be sent again.
             conn = await pool.connect()
@@ -543,8 +526,7 @@ class Forwarder:
             return await fresh.send(call.head, req.body, head_only)
 
     def _armed_until(self, conn: Connection, deadline: float) -> _Armed:
-        conn.deadline = deadline
-        return _Armed(self._armed, conn)
+        return _Armed(self.deadlines, conn, deadline)
 
     # -- respond --------------------------------------------------------------------------------
     def _respond(self, call: Call) -> asyncio.Future[str | None] | None:
@@ -610,23 +592,23 @@ class Forwarder:
 
 
 class _Armed:
-    """Keeps a connection on the sweeper's list while its attempt runs."""
+    """Keeps an attempt's connection armed on the sweeper while the attempt runs."""
 
-    __slots__ = ("_armed", "_conn")
+    __slots__ = ("_conn", "_deadline", "_deadlines")
 
-    def __init__(self, armed: set[Connection], conn: Connection) -> None:
-        self._armed = armed
+    def __init__(self, deadlines: Deadlines, conn: Connection, deadline: float) -> None:
+        self._deadlines = deadlines
         self._conn = conn
+        self._deadline = deadline
 
     def __enter__(self) -> None:
-        self._armed.add(self._conn)
+        self._deadlines.arm_at(self._conn, self._deadline)
 
     def __exit__(self, *exc_info: object) -> None:
-        self._armed.discard(self._conn)
-        self._conn.deadline = 0.0
+        self._deadlines.disarm(self._conn)
 
 
-def _pools(config: Config, clock: Callable[[], float]) -> dict[str, Pool]:
+def _pools(config: Config, deadlines: Deadlines) -> dict[str, Pool]:
     """One keep-alive pool per upstream host name (api, files, connect, meter_events)."""
     up = config.upstream
     return {
@@ -640,7 +622,7 @@ def _pools(config: Config, clock: Callable[[], float]) -> dict[str, Pool]:
             max_headers=up.max_headers,
             stall_timeout=config.server.write_timeout,
             ssl_context=_ssl_context(up.ca_file) if origin.scheme == "https" else None,
-            clock=clock,
+            deadlines=deadlines,
         )
         for name, origin in config.origins().items()
     }

@@ -15,9 +15,10 @@ import math
 from typing import TYPE_CHECKING
 
 from proxy.classify import Outcome, TransportError
+from proxy.deadlines import Deadlines
 from proxy.replies import error_response
 from proxy.server import ClientConnection
-from proxy.upstream import Connection, Response, StreamEnd
+from proxy.upstream import Response, StreamEnd
 
 if TYPE_CHECKING:
     from proxy.forward import Call
@@ -75,13 +76,11 @@ class Responder:
         *,
         sidecar_headers: bool,
         stream_idle: float,
-        armed: set[Connection],
-        loop: asyncio.AbstractEventLoop,
+        deadlines: Deadlines,
     ) -> None:
         self._sidecar_headers = sidecar_headers
         self._stream_idle = stream_idle
-        self._armed = armed
-        self._loop = loop
+        self._deadlines = deadlines
         self._lines_cache: dict[tuple[int, str], bytes] = {}
 
     def _sidecar_lines(self, call: Call, outcome: str, echoed: bool) -> bytes:
@@ -152,7 +151,7 @@ class Responder:
     ) -> asyncio.Future[str | None]:
         """A large answer: stream it, framed by the upstream's length or re-chunked."""
         conn = call.conn
-        ended: asyncio.Future[str | None] = self._loop.create_future()
+        ended: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         if resp.content_length is not None:
             conn.start_stream(head + b"Content-Length: %d\r\n\r\n" % resp.content_length)
             sink = _StreamSink(conn, False, keep_alive)
@@ -168,8 +167,7 @@ class Responder:
             # A streamed answer that goes silent for an attempt timeout is cut off, so neither
             # side waits forever; each chunk moves the deadline on.
             upstream.stream_idle = self._stream_idle
-            upstream.deadline = self._loop.time() + upstream.stream_idle
-            self._armed.add(upstream)
+            self._deadlines.arm(upstream, upstream.stream_idle)
         resp.stream(sink).add_done_callback(functools.partial(_settle, ended))
         return ended
 

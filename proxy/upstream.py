@@ -21,14 +21,14 @@ import math
 import re
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
 
 from proxy.classify import TransportError
+from proxy.deadlines import Deadlines
 from proxy.errors import ClientGone, UpstreamError
 
 __all__ = ["Connection", "Origin", "Pool", "Response", "Sink", "StreamEnd", "UpstreamError"]
@@ -222,7 +222,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
-        self.deadline = 0.0  # loop time by which the current attempt must be answered
+        self.deadline = 0.0  # clock time by which the current attempt must be answered
         self.stream_idle = 0.0  # while streaming an answer: the longest silence allowed
         self.keep_alive = True
 
@@ -382,7 +382,7 @@ class Connection(asyncio.Protocol):
         sink = self._sink
         if sink is not None:
             if self.deadline and not self._reading_paused:
-                self.deadline = self._loop.time() + self.stream_idle  # a byte came: not stuck
+                self.deadline = self._pool.clock() + self.stream_idle  # a byte came: not stuck
             sink.body(chunk)
             return
         resp = self._resp
@@ -483,7 +483,7 @@ class Connection(asyncio.Protocol):
             self._transport.abort()
             self._transport = None
 
-    def on_timeout(self) -> None:
+    def expire(self) -> None:
         """The deadline passed: the upstream went silent, or the client stopped reading."""
         if self._reading_paused and self._sink is not None:
             # Only the client's backpressure stopped the reads: not a silence of Stripe's.
@@ -500,7 +500,7 @@ class Connection(asyncio.Protocol):
         """Send the rest of the answer being read to ``sink``; resolves when it has ended."""
         self._sink = sink
         if self._reading_paused and self.deadline:
-            self.deadline = self._loop.time() + self._pool.stall_timeout  # paused before attach
+            self.deadline = self._pool.clock() + self._pool.stall_timeout  # paused before attach
         done = self._stream_end = self._loop.create_future()
         return done
 
@@ -520,7 +520,7 @@ class Connection(asyncio.Protocol):
             self._reading_paused = True
             self._transport.pause_reading()
             if self.deadline:
-                self.deadline = self._loop.time() + self._pool.stall_timeout
+                self.deadline = self._pool.clock() + self._pool.stall_timeout
 
     def resume_reading(self) -> None:
         """The client side drained: read the upstream again."""
@@ -528,7 +528,7 @@ class Connection(asyncio.Protocol):
             self._reading_paused = False
             self._transport.resume_reading()
             if self.deadline:
-                self.deadline = self._loop.time() + self.stream_idle
+                self.deadline = self._pool.clock() + self.stream_idle
 
     def _begin(self, head_request: bool) -> asyncio.Future[Response]:
         self._resp = Response()
@@ -572,7 +572,7 @@ class Connection(asyncio.Protocol):
         and fail the body with the client as the cause.
         """
         assert self._transport is not None
-        answer_within = self.deadline - self._loop.time() if self.deadline else 0.0
+        answer_within = self.deadline - self._pool.clock() if self.deadline else 0.0
         waiter = self._begin(head_request)
         self._transport.write(head)
         self._sending = True
@@ -602,7 +602,7 @@ class Connection(asyncio.Protocol):
                     transport.write(chunk)
                 if self._write_paused:
                     if answer_within:
-                        self.deadline = self._loop.time() + answer_within  # Stripe is not reading
+                        self.deadline = self._pool.clock() + answer_within  # Stripe is not reading
                     drain = self._drain_waiter = self._loop.create_future()
                     await asyncio.wait((drain, waiter), return_when=asyncio.FIRST_COMPLETED)
         except ClientGone as exc:
@@ -625,7 +625,7 @@ class Connection(asyncio.Protocol):
             if isinstance(failure, UpstreamError):
                 failure.caused_by_client = True
         if body_sent and answer_within and not waiter.done():
-            self.deadline = self._loop.time() + answer_within  # now it is Stripe's turn
+            self.deadline = self._pool.clock() + answer_within  # now it is Stripe's turn
         self._sending = False
         if self._release_pending:
             self._release_pending = False
@@ -676,6 +676,22 @@ _PASS_EXACT = frozenset(
 )
 
 
+class _ConnectTimer:
+    """Cancels a connect that outlives ``upstream.connect_timeout`` (armed on the Deadlines)."""
+
+    __slots__ = ("_opening", "deadline", "fired")
+
+    def __init__(self, opening: asyncio.Future[Any]) -> None:
+        self._opening = opening
+        self.deadline = 0.0
+        self.fired = False
+
+    def expire(self) -> None:
+        if not self._opening.done():
+            self.fired = True
+            self._opening.cancel()
+
+
 class Pool:
     """Idle keep-alive connections to one origin, and the way to get a fresh one."""
 
@@ -691,7 +707,7 @@ class Pool:
         max_headers: int = 100,
         stall_timeout: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.origin = origin
         self.loop = asyncio.get_running_loop()
@@ -705,7 +721,10 @@ class Pool:
         self.stall_timeout = stall_timeout
         # The one place a socket is opened (a test seam for local resource exhaustion).
         self._create_connection = self.loop.create_connection
-        self._clock = clock
+        # Attempt, stream and connect deadlines are swept by the sidecar's one Deadlines, on its
+        # injected clock (pool idle times are read from the same clock).
+        self.deadlines = deadlines if deadlines is not None else Deadlines(time.monotonic, 0.1)
+        self.clock = self.deadlines.clock
         self._idle: collections.deque[Connection] = collections.deque()
         self._ssl: ssl.SSLContext | None = None
         if origin.scheme == "https":
@@ -715,7 +734,7 @@ class Pool:
     async def acquire(self) -> Connection:
         """A live idle connection (most recently used first), or a new one."""
         idle = self._idle
-        now = self._clock()
+        now = self.clock()
         while idle:
             conn = idle.pop()
             if conn.closed:
@@ -730,16 +749,23 @@ class Pool:
     async def connect(self) -> Connection:
         """Open a new connection (TLS verified for https)."""
         origin = self.origin
+        opening = asyncio.ensure_future(
+            self._create_connection(
+                lambda: Connection(self),
+                origin.host,
+                origin.port,
+                ssl=self._ssl,
+                server_hostname=origin.host if self._ssl else None,
+            )
+        )
+        timer = _ConnectTimer(opening)
+        self.deadlines.arm(timer, self.connect_timeout)
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, proto = await self._create_connection(
-                    lambda: Connection(self),
-                    origin.host,
-                    origin.port,
-                    ssl=self._ssl,
-                    server_hostname=origin.host if self._ssl else None,
-                )
-        except TimeoutError:
+            _, proto = await opening
+        except asyncio.CancelledError:
+            if not timer.fired:
+                opening.cancel()  # the request itself was cancelled (shutdown): not a time-out
+                raise
             raise UpstreamError(
                 TransportError.CONNECT, f"connect to {origin.url} timed out"
             ) from None
@@ -757,6 +783,8 @@ class Pool:
             raise UpstreamError(
                 TransportError.CONNECT, f"cannot connect to {origin.url}: {exc.strerror or exc}"
             ) from None
+        finally:
+            self.deadlines.disarm(timer)
         self.opened += 1
         return proto
 
@@ -765,7 +793,7 @@ class Pool:
         if len(self._idle) >= self.max_idle:
             conn.abort()
             return
-        conn.idle_since = self._clock()
+        conn.idle_since = self.clock()
         self._idle.append(conn)
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from prometheus_client.parser import text_string_to_metric_families
 from rawclient import open_raw
 from rawupstream import json_answer
 from unit.fakeclock import FakeClock
@@ -82,4 +83,135 @@ async def test_a_body_that_stops_gets_408_at_body_timeout_and_is_never_forwarded
         data = await reader.read()
     assert data.startswith(b"HTTP/1.1 408 ") and b"sidecar_body_timeout" in data
     assert up.received == []
+    writer.close()
+
+
+# -- upstream side: attempts, connects, streams, waits for a slot ------------------------------
+
+
+def never(release: asyncio.Event):
+    """An upstream answer held until ``release`` is set (then nothing is written)."""
+
+    async def hold(transport: asyncio.Transport) -> None:
+        await release.wait()
+
+    return hold
+
+
+async def test_an_unanswered_attempt_times_out_at_attempt_timeout_on_the_clock(raw_upstream, make_sidecar):
+    """Stripe silent: nothing before attempt_timeout, then 504 sidecar_upstream_timeout."""
+    release = asyncio.Event()
+    up = await raw_upstream(lambda r: never(release))
+    clock = FakeClock()
+    sc = await make_sidecar(up.url, clock=clock, retry={"max_attempts": 1, "attempt_timeout": 10.0})
+    reader, writer = await open_raw(sc.port)
+    writer.write(GET)
+    await until(lambda: len(up.received) == 1)
+    clock.advance(9.9)
+    sc.deadlines.sweep()
+    clock.advance(0.1)
+    sc.deadlines.sweep()
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 504 ")
+    release.set()
+    writer.close()
+
+
+async def test_a_connect_that_hangs_fails_at_connect_timeout_on_the_clock(raw_upstream, make_sidecar):
+    """A connect that never completes is abandoned at upstream.connect_timeout: 502, not a hang."""
+    up = await raw_upstream(lambda r: OK)
+    clock = FakeClock()
+    sc = await make_sidecar(
+        up.url, clock=clock, retry={"max_attempts": 1}, upstream={"connect_timeout": 5.0}
+    )
+    pool = sc.forwarder.pools["api"]
+    started = asyncio.Event()
+
+    async def hanging(*args, **kwargs):
+        started.set()
+        await asyncio.Event().wait()
+
+    pool._create_connection = hanging
+    reader, writer = await open_raw(sc.port)
+    writer.write(GET)
+    async with asyncio.timeout(5):
+        await started.wait()
+    clock.advance(4.9)
+    assert sc.deadlines.sweep() == 0
+    clock.advance(0.1)
+    assert sc.deadlines.sweep() == 1
+    async with asyncio.timeout(5):
+        data = await reader.readuntil(b"}}")
+    assert data.startswith(b"HTTP/1.1 502 ") and b"timed out" in data
+    writer.close()
+
+
+async def test_a_wait_for_a_bulkhead_slot_ends_at_max_wait_on_the_clock(raw_upstream, make_sidecar):
+    """With the one slot taken, the next request waits max_wait on the clock, then 503."""
+    release = asyncio.Event()
+    answers = [never(release)]
+    up = await raw_upstream(lambda r: answers.pop() if answers else OK)
+    clock = FakeClock()
+    sc = await make_sidecar(
+        up.url, clock=clock, bulkhead={"max_in_flight": 1, "max_wait": 2.0}, retry={"max_attempts": 1}
+    )
+    _, first_w = await open_raw(sc.port)
+    first_w.write(GET)
+    await until(lambda: len(up.received) == 1)
+    second_r, second_w = await open_raw(sc.port)
+    second_w.write(GET)
+    await until(lambda: len(sc.forwarder.bulkhead._waiters) == 1)
+    clock.advance(1.9)
+    sc.deadlines.sweep()
+    clock.advance(0.1)
+    sc.deadlines.sweep()
+    async with asyncio.timeout(5):
+        head = await second_r.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"Sidecar-Outcome: bulkhead_full" in head
+    assert len(up.received) == 1
+    release.set()
+    first_w.close()
+    second_w.close()
+
+
+async def test_a_streamed_answer_that_goes_silent_is_cut_at_attempt_timeout_on_the_clock(raw_upstream, make_sidecar):
+    """Half of a large answer, then silence: cut when attempt_timeout passes, recorded as a failure."""
+    release = asyncio.Event()
+    size = 3 * 1024 * 1024
+
+    def half(r):
+        async def write(transport: asyncio.Transport) -> None:
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            transport.write(b"x" * (size // 2))
+            await release.wait()
+
+        return write
+
+    up = await raw_upstream(half)
+    clock = FakeClock()
+    sc = await make_sidecar(up.url, clock=clock, retry={"attempt_timeout": 10.0})
+    reader, writer = await open_raw(sc.port)
+    writer.write(b"GET /v1/files/file_1/contents HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = 0
+    async with asyncio.timeout(5):
+        while got < size // 2:
+            got += len(await reader.read(1 << 20))
+    clock.advance(10.0)
+    sc.deadlines.sweep()
+    async with asyncio.timeout(5):
+        rest = await reader.read()
+        while rest:
+            rest = await reader.read()
+    def answered() -> set[str]:
+        return {
+            s.labels["outcome"]
+            for family in text_string_to_metric_families(sc.metrics.render().decode())
+            if family.name == "stripe_sidecar_requests"
+            for s in family.samples
+        }
+
+    await until(lambda: bool(answered()))
+    assert answered() == {"connection_error"}
+    release.set()
     writer.close()
