@@ -107,11 +107,9 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         sim.books.record_fault("outage")
         return _html(503)
     if sim.limits.enabled:
-        account = key_from_header(request.headers.get("Authorization")) or ""
-        reason = sim.limits.check(account, found[0].operation if found else None)
-        if reason is not None:
-            sim.books.record_rate_limited(reason)
-            return _early_error(request, sim, errors.rate_limited(reason))
+        limited = _rate_limit(request, sim, found[0].operation if found else None)
+        if limited is not None:
+            return limited
     fault = sim.draw_fault()
     if fault is not None:
         sim.books.record_fault(fault)
@@ -158,6 +156,16 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if fault == "drop_after":
         return _abort(request)
     return response
+
+
+def _rate_limit(request: web.Request, sim: SimState, operation: str | None) -> web.Response | None:
+    """Stripe's rate limiters: the 429 this request gets (booked), or None if it may pass."""
+    account = key_from_header(request.headers.get("Authorization")) or ""
+    reason = sim.limits.check(account, operation)
+    if reason is None:
+        return None
+    sim.books.record_rate_limited(reason)
+    return _early_error(request, sim, errors.rate_limited(reason))
 
 
 def _edge_fault(request: web.Request, sim: SimState, fault: FaultKind) -> web.StreamResponse:
