@@ -321,7 +321,9 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
     def on_message_begin(self) -> None:
         if self._resp is None:
-            raise _Extra  # a second answer to one request
+            # A second answer to one request, caught at its first byte: even a partial one left
+            # in the parser would swallow the next request's answer.
+            raise _Extra
 
     def on_status(self, reason: bytes) -> None:
         if self._resp is not None:
@@ -363,7 +365,8 @@ class Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if not 100 <= status <= 599:
             raise _BadAnswer(f"status {status:03d} is outside 100-599")
-        if _BAD_REASON(resp.reason) is not None:
+        reason = resp.reason
+        if reason != b"OK" and _BAD_REASON(reason) is not None:
             raise _BadAnswer("a control character in the reason phrase")
         resp.status = status
         if status < 200:

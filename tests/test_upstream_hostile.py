@@ -68,6 +68,17 @@ async def test_extra_answer_in_the_same_read_never_reaches_another_client(raw_up
     assert posts[0].conn_id != up.received[0].conn_id  # the poisoned connection was not reused
 
 
+async def test_partial_extra_head_in_the_same_read_never_swallows_the_next_answer(raw_upstream, make_sidecar):
+    """The first bytes of a second answer, arriving with the first, close the connection before a second request can reuse it."""
+    up = await raw_upstream(lambda r: OK + b"HTTP/1.1 200 OK\r\nX-" if len(up.received) == 1 else OK)
+    sc = await make_sidecar(up.url)
+    first, _ = await exchange(sc.port, GET)
+    second, _ = await exchange(sc.port, GET)
+    assert [first[0].status, second[0].status] == [200, 200]
+    assert second[0].body == first[0].body
+    assert up.received[1].conn_id != up.received[0].conn_id
+
+
 async def test_bytes_arriving_while_pooled_close_the_connection(raw_upstream, make_sidecar):
     """Bytes an upstream sends on an idle pooled connection make the sidecar drop it, never read them as an answer."""
     transports: list[asyncio.Transport] = []
