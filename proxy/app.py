@@ -13,8 +13,10 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__
+from proxy.alerts import Notifier
 from proxy.config import Config, config_warnings, parse_listen
 from proxy.deadlines import Deadlines
+from proxy.diagnosis import DiagnosisEngine
 from proxy.fdlimit import FdPlan, plan_connections, raise_nofile_limit
 from proxy.forward import Forwarder
 from proxy.log import Logger
@@ -23,13 +25,14 @@ from proxy.observers import AccessLog, MetricsRecorder
 from proxy.records import Observer
 from proxy.replies import reason_phrase
 from proxy.server import ClientConnection, Request, Server, ShutdownReport
+from proxy.status import DiagnosisSurfaces, status_page
 
 __all__ = ["EXIT_UNFINISHED", "Sidecar", "serve"]
 
 # Exit status when the shutdown grace ran out with requests unfinished (1 and 2 are start-up
 # failures: see proxy.cli).
 EXIT_UNFINISHED = 3
-OPERATOR_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPERATOR_PATHS = frozenset({"/health", "/ready", "/metrics", "/diagnosis", "/status"})
 
 
 def _json_answer(status: int, payload: object, *, keep_alive: bool = True) -> bytes:
@@ -77,6 +80,12 @@ class Sidecar:
         # Every time-out (client heads, bodies, idle connections, attempts, streams) is swept
         # by this one owner, on the injected clock: a test moves a fake clock and sweeps.
         self.deadlines = Deadlines(clock, _sweep_resolution(config))
+        self._evaluator: asyncio.TimerHandle | None = None
+        self.notifier: Notifier | None = None
+        self.diagnosis = DiagnosisEngine(config.diagnosis, clock=clock)
+        self._surfaces = DiagnosisSurfaces(
+            self.diagnosis, registry=self.registry, log=self.log, set_header=self._set_diagnosis
+        )
 
     async def start(self) -> int:
         """Listen on ``server.listen``; return the bound port."""
@@ -85,7 +94,12 @@ class Sidecar:
             self.config,
             metrics=self.metrics,
             logger=self.log,
-            observers=[MetricsRecorder(self.metrics), AccessLog(self.log), *self._extra_observers],
+            observers=[
+                MetricsRecorder(self.metrics),
+                AccessLog(self.log),
+                *([self.diagnosis.recorder] if self.config.diagnosis.enabled else []),
+                *self._extra_observers,
+            ],
             clock=self._clock,
             sleep=self._sleep,
             rand=self._rand,
@@ -115,6 +129,7 @@ class Sidecar:
         self._schedule_flush()
         for warning in config_warnings(self.config):
             self.log.event("config_warning", "warning", message=warning)
+        self._start_diagnosis()
         self.log.event(
             "started",
             version=__version__,
@@ -133,6 +148,28 @@ class Sidecar:
             self.log.event("config_warning", "warning", message=plan.warning)
         return plan
 
+    def _start_diagnosis(self) -> None:
+        if self.config.diagnosis.enabled:
+            self._evaluator = asyncio.get_running_loop().call_later(
+                self.config.diagnosis.interval, self._evaluate
+            )
+        if self.config.alerts.webhooks:
+            self.notifier = Notifier(self.config.alerts, self.diagnosis, log=self.log)
+            self.notifier.start()
+
+    def _evaluate(self) -> None:
+        """Run the diagnosis rules (on a timer, never on the request path)."""
+        try:
+            self.diagnosis.evaluate()
+        except Exception as exc:  # a bug in a rule must not stop diagnosis for good
+            self.log.event("internal_error", "error", where="diagnosis", error=repr(exc))
+        loop = asyncio.get_running_loop()
+        self._evaluator = loop.call_later(self.config.diagnosis.interval, self._evaluate)
+
+    def _set_diagnosis(self, line: bytes) -> None:
+        if self.forwarder is not None:
+            self.forwarder.respond.diagnosis_line = line
+
     def _schedule_flush(self) -> None:
         self.log.flush()
         loop = asyncio.get_running_loop()
@@ -147,9 +184,13 @@ class Sidecar:
             return self.report.clean  # stopped already
         s = self.config.server
         report = ShutdownReport(0, 0)
+        if self._evaluator is not None:
+            self._evaluator.cancel()
         if self.server is not None:
             self.log.event("draining", drain_period=s.drain_period, shutdown_grace=s.shutdown_grace)
             report = await self.server.shutdown(s.drain_period, s.shutdown_grace, hurry=hurry)
+        if self.notifier is not None:
+            await self.notifier.stop()
         if self.forwarder is not None:
             self.forwarder.close()
         if self._flusher is not None:
@@ -173,7 +214,7 @@ class Sidecar:
         return self.forwarder.forward(request, conn)
 
     def operator(self, request: Request, path: str) -> bytes | Awaitable[bytes] | None:
-        """Answer /health, /ready and /metrics (a HEAD gets the head alone).
+        """Answer /health, /ready, /metrics, /diagnosis and /status (HEAD: the head alone).
 
         /metrics is answered later (an awaitable): it is rendered off the event loop.
         """
@@ -209,7 +250,25 @@ class Sidecar:
             stopping = self.server is None or self.server.stopping
             payload = {"ready": not stopping, "breakers": self._breaker_summary()}
             return _json_answer(503 if stopping else 200, payload)
+        if path == "/diagnosis":
+            return _json_answer(200, self.diagnosis_report())
+        if path == "/status":
+            page = status_page(self.diagnosis_report(), __version__)
+            return (
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+                b"Cache-Control: no-store\r\nContent-Length: %d\r\n\r\n%b" % (len(page), page)
+            )
         return None
+
+    def diagnosis_report(self) -> dict[str, Any]:
+        """The /diagnosis document: active and recent diagnoses, actions, operations."""
+        breakers = {}
+        if self.forwarder is not None:
+            breakers = {s: b.state.value for s, b in self.forwarder.breakers().items()}
+        report = self.diagnosis.report(breakers)
+        report["enabled"] = self.config.diagnosis.enabled
+        report["upstream_breaker"] = breakers.get("upstream", "closed")
+        return report
 
     async def _metrics_answer(self, *, head_only: bool) -> bytes:
         """The /metrics answer, rendered in a worker thread so requests keep flowing meanwhile."""

@@ -15,14 +15,17 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
+from proxy.alerts import AlertSettings, Webhook
 from proxy.breaker import BreakerSettings
 from proxy.errors import ConfigError
 from proxy.ratelimit import RateLimitSettings
 from proxy.retry import RetrySettings
 from proxy.routes import DEFAULT_ROUTES, HostRoute, operation_table
+from proxy.rules import DiagnosisSettings
 from proxy.upstream import Origin
 
 __all__ = [
@@ -150,6 +153,8 @@ class Config:
     bulkhead: BulkheadSettings = field(default_factory=BulkheadSettings)
     idempotency: IdempotencySettings = field(default_factory=IdempotencySettings)
     log: LogSettings = field(default_factory=LogSettings)
+    diagnosis: DiagnosisSettings = field(default_factory=DiagnosisSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     operations: Mapping[str, OperationSettings] = field(default_factory=dict)
 
     def for_operation(self, operation: str) -> OperationSettings:
@@ -203,8 +208,18 @@ _POSITIVE = {
     "slow_call_duration",
     "probe_timeout",
     "decrease_interval",
+    "interval",
+    "min_count",
+    "min_operations",
+    "p99",
+    "baseline_factor",
+    "baseline_half_life",
+    "recent",
+    "timeout",
+    "backoff",
+    "queue_size",
 }
-_RATIO = {"failure_rate", "decrease_factor", "min_429_share"}
+_RATIO = {"failure_rate", "decrease_factor", "min_429_share", "ratio", "clear_ratio"}
 _METHODS = {"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "*"}
 
 
@@ -352,7 +367,25 @@ def _operations(value: Any, where: str, problems: list[str]) -> Mapping[str, Any
     return out
 
 
+def _webhooks(value: Any, where: str, problems: list[str]) -> tuple[Webhook, ...]:
+    if not isinstance(value, list):
+        problems.append(f"{where}: expected a list of URLs or {{url, format}}")
+        return ()
+    hooks: list[Webhook] = []
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        data = {"url": item} if isinstance(item, str) else item
+        hook: Webhook = _build(Webhook, data, at, problems)
+        parts = urlsplit(hook.url) if isinstance(hook.url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(f"{at}.url: not an http(s) URL")  # the URL itself may be a secret
+            continue
+        hooks.append(hook)
+    return tuple(hooks)
+
+
 _SPECIAL: dict[tuple[type[Any], str], Any] = {
+    (AlertSettings, "webhooks"): _webhooks,
     (UpstreamSettings, "hosts"): _hosts,
     (UpstreamSettings, "routes"): _routes,
     (Config, "operations"): _operations,

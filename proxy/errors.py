@@ -51,8 +51,10 @@ class UpstreamError(SidecarError):
         *,
         response_started: bool = False,
         caused_by_client: bool = False,
+        step: str | None = None,
     ):
         self.kind = kind
+        self.step = step  # for CONNECT: the step that failed, "dns", "connect" or "tls"
         self.response_started = response_started
         # The client stalled or vanished mid-body: not Stripe's fault, so no breaker counts it.
         self.caused_by_client = caused_by_client

@@ -565,6 +565,8 @@ class Forwarder:
             call.error.kind if call.error is not None else None,
             duration,
             step.delay if step.give_up is None else None,
+            verdict.error_param,
+            call.error.step if call.error is not None else None,
         )
         self._emit(record)
 

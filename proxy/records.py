@@ -27,6 +27,8 @@ class AttemptRecord(NamedTuple):
     transport: str | None  # a TransportError value when no answer came
     duration: float  # seconds, until the answer's head or the failure
     retry_in: float | None  # seconds until the next attempt; None when this one is final
+    error_param: str | None = None  # Stripe's error.param (which parameter a 400 was about)
+    transport_step: str | None = None  # where a connect failed: "dns", "connect" or "tls"
 
 
 class RequestRecord(NamedTuple):

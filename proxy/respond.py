@@ -82,6 +82,9 @@ class Responder:
         self._stream_idle = stream_idle
         self._deadlines = deadlines
         self._lines_cache: dict[tuple[int, str], bytes] = {}
+        # "Sidecar-Diagnosis: <kinds>\r\n" while critical diagnoses are active, else b"";
+        # set by the diagnosis engine's subscriber on raise and clear, read on every answer.
+        self.diagnosis_line = b""
 
     def _sidecar_lines(self, call: Call, outcome: str, echoed: bool) -> bytes:
         if not self._sidecar_headers:
@@ -120,11 +123,12 @@ class Responder:
                 return None
             headers = [h for h in headers if not h[:20].lower().startswith(_SHOULD_RETRY)]
             headers.append(_NO_RETRY)
-        head = b"HTTP/1.1 %d %s\r\n%b%b" % (
+        head = b"HTTP/1.1 %d %s\r\n%b%b%b" % (
             resp.status,
             resp.reason,
             b"".join(headers),
             self._sidecar_lines(call, verdict.outcome, resp.idempotency_key is not None),
+            self.diagnosis_line,
         )
         if not resp.complete and resp.content_length is None and not call.req.http11:
             keep_alive = False  # HTTP/1.0 knows no chunking: the end of the body is the close
@@ -173,6 +177,7 @@ class Responder:
 
     def _gateway_page(self, call: Call, status: int, keep_alive: bool) -> None:
         extra = self._sidecar_lines(call, call.verdict.outcome, False) + _NO_RETRY
+        extra += self.diagnosis_line
         message = (
             f"Stripe's edge answered {status} with a page that is not a Stripe API answer, "
             f"on every attempt ({call.attempt})."
@@ -292,6 +297,7 @@ class Responder:
         self, call: Call, status: int, code: str, message: str, type_: str, extra: bytes
     ) -> None:
         keep_alive = call.conn.keeps_alive(call.req)
+        extra += self.diagnosis_line
         call.conn.finish(
             error_response(status, code, message, type_=type_, extra=extra, close=not keep_alive),
             keep_alive=keep_alive,

@@ -19,6 +19,7 @@ import enum
 import errno
 import math
 import re
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -770,11 +771,11 @@ class Pool:
                 opening.cancel()  # the request itself was cancelled (shutdown): not a time-out
                 raise
             raise UpstreamError(
-                TransportError.CONNECT, f"connect to {origin.url} timed out"
+                TransportError.CONNECT, f"connect to {origin.url} timed out", step="connect"
             ) from None
         except ssl.SSLError as exc:
             raise UpstreamError(
-                TransportError.CONNECT, f"TLS with {origin.url} failed: {exc.reason}"
+                TransportError.CONNECT, f"TLS with {origin.url} failed: {exc.reason}", step="tls"
             ) from None
         except OSError as exc:
             if exc.errno in _LOCAL_ERRNOS:
@@ -784,7 +785,9 @@ class Pool:
                     f"no local resources to connect to {origin.url}: {exc.strerror or exc}",
                 ) from None
             raise UpstreamError(
-                TransportError.CONNECT, f"cannot connect to {origin.url}: {exc.strerror or exc}"
+                TransportError.CONNECT,
+                f"cannot connect to {origin.url}: {exc.strerror or exc}",
+                step="dns" if isinstance(exc, socket.gaierror) else "connect",
             ) from None
         finally:
             self.deadlines.disarm(timer)
