@@ -101,7 +101,7 @@ class _OpWindow:
 
     def __init__(self, window: float, now: float) -> None:
         self.buckets = SecondBuckets(window, _LAT0 + len(LATENCY_BOUNDS) + 1, now)
-        self.codes: deque[tuple[float, str, str]] = deque(maxlen=32)  # (at, code, param)
+        self.codes: deque[tuple[float, str, str]] = deque(maxlen=64)  # (at, code, param), latest
 
 
 class DiagnosisRecorder:
@@ -131,7 +131,7 @@ class DiagnosisRecorder:
         return op
 
     # -- Observer ---------------------------------------------------------------------------------
-    def attempt(self, record: AttemptRecord) -> None:
+    def attempt(self, record: AttemptRecord, _bounds: tuple[float, ...] = LATENCY_BOUNDS) -> None:
         """Count one send to Stripe."""
         now = self._clock()
         op = self._ops.get(record.operation) or self._op(record.operation, now)
@@ -139,10 +139,10 @@ class DiagnosisRecorder:
         if now >= b.edge:
             b.advance(now)
         rings, i = b.rings, b.idx
-        rings[_ATTEMPTS][i] += 1
+        rings[0][i] += 1  # _ATTEMPTS
         if record.outcome == "success":
-            rings[_OK][i] += 1
-            rings[_LAT0 + bisect_left(LATENCY_BOUNDS, record.duration)][i] += 1
+            rings[1][i] += 1  # _OK
+            rings[_LAT0 + bisect_left(_bounds, record.duration)][i] += 1
             return
         self._failure(op, record, now)
 
@@ -177,16 +177,23 @@ class DiagnosisRecorder:
             self._examples[_CATEGORY_NAME[series]].append((now, record.request_id))
 
     def request(self, record: RequestRecord) -> None:
-        """Count one answered client request."""
-        now = self._clock()
-        op = self._ops.get(record.operation) or self._op(record.operation, now)
+        """Count one answered client request.
+
+        A request that reached Stripe is counted in the second its last attempt was (that
+        attempt's record has just moved the window on): one clock read per request saved.
+        """
+        op = self._ops.get(record.operation)
+        if op is None or not record.attempts:
+            now = self._clock()
+            op = op or self._op(record.operation, now)
+            if now >= op.buckets.edge:
+                op.buckets.advance(now)
         b = op.buckets
-        if now >= b.edge:
-            b.advance(now)
-        b.rings[_REQ][b.idx] += 1
+        rings, i = b.rings, b.idx
+        rings[_REQ][i] += 1
         status = record.status
         if status < 400 or status == 402:
-            b.rings[_REQ_OK][b.idx] += 1
+            rings[_REQ_OK][i] += 1
 
     # -- reading --------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
