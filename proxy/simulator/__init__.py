@@ -9,7 +9,8 @@ seeded faults, and keeps books of what it executed so tests can count duplicates
         assert sim.books()["duplicates"] == 0
 
 Control endpoints (never faulted, never counted): `GET /_sim/books`, `POST /_sim/reset`,
-`GET|POST /_sim/faults`, `POST /_sim/keys/revoke`.
+`GET|POST /_sim/faults`, `POST /_sim/keys/revoke`, `POST /_sim/keys/restore`,
+`GET /_sim/scenarios`, `POST /_sim/scenarios/bad_requests` (see `scenarios.py`).
 """
 
 from proxy.simulator.faults import PROFILES, FaultProfile

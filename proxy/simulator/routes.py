@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from proxy.simulator import customers, files, meters, oauth, payments
+from proxy.simulator import account, customers, files, meters, oauth, payments
 from proxy.simulator.call import Call, Outcome
 from proxy.simulator.store import Store
 
@@ -50,6 +50,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     _route("POST", "/v1/payment_intents/{id}/capture", "form", payments.capture),
     _route("POST", "/v1/refunds", "form", payments.refund),
     _route("GET", "/v1/balance", "query", payments.balance),
+    _route("GET", "/v1/account", "query", account.retrieve),
     _route("POST", "/v1/files", "multipart", files.create),
     _route("GET", "/v1/files/{id}", "query", files.retrieve),
     _route("GET", "/v1/files/{id}/contents", "query", files.contents),

@@ -136,6 +136,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             secret = params.pop("client_secret", None)  # OAuth also takes the key in the form
             key = secret if isinstance(secret, str) else None
         key = sim.keys.check(key, writes=route.writes)
+        sim.scenarios.check(route.operation)
         call = Call(ids, params, livemode(key), f"{request.scheme}://{request.host}", request_id)
         if idem_key is None:
             if fault == "server_error_saved":
@@ -321,6 +322,16 @@ async def _control(request: web.Request, sim: SimState) -> web.Response:
                 raise ValueError("key: a non-empty string is required")
             sim.keys.revoke(key)
             return _control_json({"revoked": errors.mask_key(key)})
+        if route == ("POST", "/_sim/keys/restore"):
+            key = (await _json_object(request)).get("key")
+            if not isinstance(key, str) or not key:
+                raise ValueError("key: a non-empty string is required")
+            sim.keys.revoked.discard(key)
+            return _control_json({"restored": errors.mask_key(key)})
+        if route == ("POST", "/_sim/scenarios/bad_requests"):
+            return _control_json(sim.scenarios.set_bad_requests(await _json_object(request)))
+        if route == ("GET", "/_sim/scenarios"):
+            return _control_json(sim.scenarios.as_dict())
     except ValueError as exc:
         return _control_json({"error": str(exc)}, status=400)
     return _control_json({"error": f"no simulator endpoint {request.method} {request.path}"},

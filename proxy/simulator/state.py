@@ -12,6 +12,7 @@ from proxy.simulator.books import Books
 from proxy.simulator.faults import FaultKind, FaultProfile, choose_fault, resolve_profile
 from proxy.simulator.idempotency import IdempotencyStore
 from proxy.simulator.limits import AccountLimits
+from proxy.simulator.scenarios import Scenarios
 from proxy.simulator.store import Store
 
 RATE_LIMITED_REASONS: Final = (
@@ -44,6 +45,7 @@ class SimState:
         self.store = Store()
         self.idempotency = IdempotencyStore()
         self.keys = Keys()
+        self.scenarios = Scenarios()
         self._any_fault = self.profile.total() > 0.0
 
     def set_profile(self, profile: FaultProfile | str, *, seed: int | None = None) -> None:
@@ -62,6 +64,7 @@ class SimState:
         self.idempotency.clear()
         self.keys.revoked.clear()
         self.limits = self._limits()
+        self.scenarios = Scenarios()
         self.rng.seed(self.seed)
 
     def _limits(self) -> AccountLimits:
