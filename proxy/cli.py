@@ -73,6 +73,21 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sim.add_argument(f"--{name}", type=float, default=None, help=what)
 
+    doctor = sub.add_parser("doctor", help="check DNS, connect, TLS, clock and keys, step by step")
+    doctor.add_argument("--config", default=os.environ.get("STRIPE_SIDECAR_CONFIG"))
+    doctor.add_argument(
+        "--upstream",
+        default=os.environ.get("STRIPE_SIDECAR_UPSTREAM"),
+        help="check this URL instead of the configured Stripe API host",
+    )
+    doctor.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        help="a Stripe secret key to check (repeatable; default: STRIPE_SIDECAR_SECRET_KEYS)",
+    )
+    doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per step")
+
     demo = sub.add_parser("demo", help="show the sidecar against the simulator's faults")
     demo.add_argument("--requests", type=int, default=600, help="payments per run")
     demo.add_argument("--concurrency", type=int, default=20)
@@ -94,6 +109,17 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
     return with_overrides(config, listen=args.listen, upstream=args.upstream)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from proxy.doctor import doctor
+
+    config = load_config(args.config)
+    upstream = args.upstream or config.upstream.override or config.upstream.hosts["api"]
+    keys = args.key or [
+        k.strip() for k in os.environ.get("STRIPE_SIDECAR_SECRET_KEYS", "").split(",") if k.strip()
+    ]
+    return _run(doctor(upstream, keys, ca_file=config.upstream.ca_file, timeout=args.timeout))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"stripe-sidecar simulate: {exc}", file=sys.stderr)
                 return 2
             return 0
+        if args.command == "doctor":
+            return _doctor(args)
         if args.command == "demo":
             from proxy.demo import run_demo
 
