@@ -196,8 +196,11 @@ class DiagnosisRecorder:
             rings[_REQ_OK][i] += 1
 
     # -- reading --------------------------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
-        """Sum every window up to now (called once per evaluation, not per request)."""
+    def snapshot(self, *, idle: bool = False) -> Snapshot:
+        """Sum every window up to now (once per evaluation, not per request).
+
+        Operations without traffic in the window are left out unless ``idle``.
+        """
         now = self._clock()
         since = now - self.window
         ops: dict[str, Counts] = {}
@@ -206,7 +209,7 @@ class DiagnosisRecorder:
             if now >= b.edge:
                 b.advance(now)
             sums = [sum(ring) for ring in b.rings]
-            if not sums[_ATTEMPTS] and not sums[_REQ]:
+            if not sums[_ATTEMPTS] and not sums[_REQ] and not idle:
                 continue
             c = Counts()
             for k, attr in enumerate(_SERIES):
@@ -462,7 +465,7 @@ class DiagnosisEngine:
 
     def operations(self, breakers: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         """Per operation over the window: success ratio, p50/p99, breaker state, history."""
-        snapshot = self.recorder.snapshot()
+        snapshot = self.recorder.snapshot(idle=True)
         out: dict[str, dict[str, Any]] = {}
         for name, c in sorted(snapshot.ops.items()):
             p50, p99 = quantile(c.latency, 0.5), quantile(c.latency, 0.99)
