@@ -182,9 +182,10 @@ class Notifier:
         await self._queue.join()
 
     async def _remind_loop(self) -> None:
+        # A plain timer: what it does is remind(), which takes the injected clock.
         interval = self.settings.resend_interval
         while True:
-            await self._sleep(min(interval, 60.0))
+            await asyncio.sleep(min(interval, 60.0))
             self.remind()
 
     async def _run(self) -> None:
