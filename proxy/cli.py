@@ -31,6 +31,23 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coro)
 
 
+def _add_doctor(sub: Any) -> None:
+    doctor = sub.add_parser("doctor", help="check DNS, connect, TLS, clock and keys, step by step")
+    doctor.add_argument("--config", default=os.environ.get("STRIPE_SIDECAR_CONFIG"))
+    doctor.add_argument(
+        "--upstream",
+        default=os.environ.get("STRIPE_SIDECAR_UPSTREAM"),
+        help="check this URL instead of the configured Stripe API host",
+    )
+    doctor.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        help="a Stripe secret key to check (repeatable; default: STRIPE_SIDECAR_SECRET_KEYS)",
+    )
+    doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per step")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="stripe-sidecar",
@@ -73,20 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sim.add_argument(f"--{name}", type=float, default=None, help=what)
 
-    doctor = sub.add_parser("doctor", help="check DNS, connect, TLS, clock and keys, step by step")
-    doctor.add_argument("--config", default=os.environ.get("STRIPE_SIDECAR_CONFIG"))
-    doctor.add_argument(
-        "--upstream",
-        default=os.environ.get("STRIPE_SIDECAR_UPSTREAM"),
-        help="check this URL instead of the configured Stripe API host",
-    )
-    doctor.add_argument(
-        "--key",
-        action="append",
-        default=[],
-        help="a Stripe secret key to check (repeatable; default: STRIPE_SIDECAR_SECRET_KEYS)",
-    )
-    doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per step")
+    _add_doctor(sub)
 
     demo = sub.add_parser("demo", help="show the sidecar against the simulator's faults")
     demo.add_argument("--requests", type=int, default=600, help="payments per run")
