@@ -190,19 +190,19 @@ async def test_revoked_key_raises_auth_failure(sim: Any, make_sidecar: Any) -> N
     assert d["evidence"]["example_request_ids"]
 
 
-async def test_rate_limiting_raises_rate_limited(sim: Any, make_sidecar: Any) -> None:
-    """Scripted 429s with Stripe-Rate-Limited-Reason raise rate_limited with the reasons counted."""
+async def test_account_rate_limit_raises_rate_limited(sim: Any, make_sidecar: Any) -> None:
+    """The simulator's account rate limit (5/s per key) raises rate_limited naming global-rate."""
     sidecar = await make_sidecar(sim.url, **FAST)
 
     async def trouble() -> None:
-        sim.set_profile(_profile(rate_limited=0.6))
+        sim.set_profile(_profile(account_rate=5.0))
 
     async def health() -> None:
         sim.set_profile("none")
 
     async with Traffic(sidecar.url):
         d = await raised_then_cleared(sidecar.url, "rate_limited", trouble, health)
-    assert sum(d["evidence"]["reasons"].values()) >= 3
+    assert d["evidence"]["reasons"].get("global-rate", 0) >= 3 and "global-rate" in d["summary"]
 
 
 async def test_dropped_network_raises_network_failure_at_connect(make_sidecar: Any) -> None:
