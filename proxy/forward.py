@@ -465,6 +465,7 @@ class Forwarder:
             budget_available=self.budget.available(),
             breakers_admit=permits.would_admit(),
             limiter_wait=limiter.peek(call.op.name) if limiter is not None else 0.0,
+            limiter_max_wait=self.config.ratelimit.max_wait,
         )
 
     def _take_retry(self, call: Call, permits: Permits, step: Step) -> Step:
@@ -478,7 +479,7 @@ class Forwarder:
         if not permits.acquire():
             return Step(GiveUp.BREAKER_OPEN, 0.0, True)
         if self.limiter is not None:
-            wait = self.limiter.reserve(call.op.name)
+            wait = self.limiter.reserve(call.op.name, step.delay)
             if wait is None:
                 permits.release()
                 return Step(GiveUp.RATE_LIMITED, 0.0, True)

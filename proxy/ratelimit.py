@@ -260,13 +260,14 @@ class RateLimiter:
         self._scopes[endpoint] = _Scope(now, rate, burst)
 
     # -- rate ------------------------------------------------------------------------------
-    def reserve(self, endpoint: str) -> float | None:
+    def reserve(self, endpoint: str, waiting_anyway: float = 0.0) -> float | None:
         """Count one request to ``endpoint``; return the seconds it must wait before sending.
 
         0.0 means go now (always, while both its scopes are dormant and have no ceiling).
-        None means the wait would exceed ``max_wait``: nothing is taken and the request is not
-        counted as sent. A positive wait is a reservation: the caller waits, then sends
-        without asking again; later callers queue behind it.
+        None means the wait would exceed ``max_wait`` beyond ``waiting_anyway`` (a retry's
+        backoff, which it waits in any case): nothing is taken and the request is not counted
+        as sent. A positive wait is a reservation: the caller waits, then sends without asking
+        again; later callers queue behind it.
         """
         if not self._enabled:
             return 0.0
@@ -281,18 +282,17 @@ class RateLimiter:
                 e.advance(now)
             e.sent[e.idx] += 1
             return 0.0
-        return self._reserve_limited(g, e, now)
+        return self._reserve_limited(g, e, now, waiting_anyway)
 
-    def peek(self, endpoint: str) -> float | None:
-        """What :meth:`reserve` would answer now, without taking or counting anything."""
+    def peek(self, endpoint: str) -> float:
+        """Seconds until ``endpoint`` could send, without taking or counting anything."""
         if not self._enabled:
             return 0.0
         g = self._global
         e = self._scopes.get(endpoint)
         if not g.limiting and (e is None or not e.limiting):
             return 0.0
-        wait = self._wait(g, e, self._clock())
-        return None if wait > self._max_wait else wait
+        return self._wait(g, e, self._clock())
 
     def _wait(self, g: _Scope, e: _Scope | None, now: float) -> float:
         """Seconds until every limiting scope has a token (after bringing them up to now)."""
@@ -309,9 +309,11 @@ class RateLimiter:
                     wait = w
         return wait
 
-    def _reserve_limited(self, g: _Scope, e: _Scope, now: float) -> float | None:
+    def _reserve_limited(
+        self, g: _Scope, e: _Scope, now: float, waiting_anyway: float
+    ) -> float | None:
         wait = self._wait(g, e, now)
-        if wait > self._max_wait:
+        if wait > self._max_wait + waiting_anyway:
             return None
         for s in (g, e):
             if s.limiting:

@@ -182,7 +182,8 @@ class Gates:
     client_connected: bool = True
     budget_available: bool = True
     breakers_admit: bool = True
-    limiter_wait: float | None = 0.0  # seconds until a rate token; None: the limiter refuses
+    limiter_wait: float = 0.0  # seconds until the limiter lets this operation send
+    limiter_max_wait: float = 0.0  # how much longer than the backoff a retry may wait for it
 
 
 _OPEN_GATES = Gates()
@@ -242,10 +243,10 @@ def next_step(
         return Step(GiveUp.CLIENT_GONE, 0.0, True)
     if not gates.budget_available:
         return Step(GiveUp.BUDGET, 0.0, True)
-    wait = gates.limiter_wait
-    if wait is None:
-        return Step(GiveUp.RATE_LIMITED, 0.0, True)
     delay = retry_delay(verdict, attempt, retry_after, settings, rand)
+    wait = gates.limiter_wait
+    if wait > delay + gates.limiter_max_wait:
+        return Step(GiveUp.RATE_LIMITED, 0.0, True)
     if wait > delay:
         delay = wait
     if elapsed + delay >= settings.deadline:

@@ -48,7 +48,6 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
             {
                 "server": {"listen": "127.0.0.1:0", "drain_period": 0, "shutdown_grace": 2.0},
                 "upstream": {"override": upstream_url},
-                "ratelimit": {"enabled": False},
             },
             sections,
         )

@@ -59,7 +59,6 @@ class Sidecar:
             "server": {"listen": f"127.0.0.1:{self.port}", **server},
             "upstream": {"override": upstream},
             # Not under test here, and a static cap would turn a burst of 1,000 away.
-            "ratelimit": {"enabled": False},
         }
         path = tmp / "sidecar.yaml"
         path.write_text(yaml.safe_dump(config))

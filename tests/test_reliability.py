@@ -16,7 +16,6 @@ import stripe
 from proxy.simulator import start_simulator
 
 KEY = "sk_test_reliability0000000000000000"
-RAISED_LIMITS = {"enabled": True, "global_rate": 5000.0, "global_burst": 500.0, "endpoint_rate": 5000.0, "endpoint_burst": 500.0}
 
 
 async def _pay(session: aiohttp.ClientSession, url: str, ref: str) -> tuple[int, str | None]:
@@ -53,7 +52,7 @@ async def test_bad_day_every_payment_succeeds_once(make_sidecar):
     """10% transient faults of every kind: >= 99.9% succeed, 0 duplicates, attempts <= 1.15x requests."""
     n, concurrency = 2000, 20
     async with start_simulator(profile="bad_day", seed=11) as sim:
-        sc = await make_sidecar(sim.url, ratelimit=RAISED_LIMITS)
+        sc = await make_sidecar(sim.url)  # the shipped defaults
         refs = [f"bad-day-{i}" for i in range(n)]
         results: dict[str, tuple[int, str | None]] = {}
         queue = iter(refs)
@@ -91,7 +90,7 @@ async def test_python_sdk_with_default_retries_under_faults(make_sidecar):
     """The official SDK with its default retries: every call succeeds, 0 duplicates, attempts <= 1.15x calls."""
     calls = 300
     async with start_simulator(profile="bad_day", seed=5) as sim:
-        sc = await make_sidecar(sim.url, ratelimit=RAISED_LIMITS)
+        sc = await make_sidecar(sim.url)  # the shipped defaults
         client = stripe.StripeClient(
             KEY,
             base_addresses={"api": sc.url, "files": sc.url, "connect": sc.url},

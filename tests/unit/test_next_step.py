@@ -93,7 +93,7 @@ def test_each_gate_refuses_with_its_reason() -> None:
     """Client gone, budget spent, limiter refusing and a reopened breaker each end the retries."""
     assert decide(gates=Gates(client_connected=False)).give_up is GiveUp.CLIENT_GONE
     assert decide(gates=Gates(budget_available=False)).give_up is GiveUp.BUDGET
-    assert decide(gates=Gates(limiter_wait=None)).give_up is GiveUp.RATE_LIMITED
+    assert decide(gates=Gates(limiter_wait=5.0, limiter_max_wait=0.5)).give_up is GiveUp.RATE_LIMITED
     assert decide(gates=Gates(breakers_admit=False)).give_up is GiveUp.BREAKER_OPEN
     assert all(
         decide(gates=gates).settled
@@ -103,8 +103,16 @@ def test_each_gate_refuses_with_its_reason() -> None:
 
 def test_limiter_wait_lengthens_the_delay_and_counts_against_the_deadline() -> None:
     """A rate-token wait longer than the backoff becomes the delay, and may cross the deadline."""
-    assert decide(gates=Gates(limiter_wait=0.7)) == Step(None, 0.7, True)
-    assert decide(gates=Gates(limiter_wait=0.7), elapsed=19.5).give_up is GiveUp.DEADLINE
+    gates = Gates(limiter_wait=0.7, limiter_max_wait=1.0)
+    assert decide(gates=gates) == Step(None, 0.7, True)
+    assert decide(gates=gates, elapsed=19.5).give_up is GiveUp.DEADLINE
+
+
+def test_the_limiter_may_exceed_max_wait_by_the_backoff_the_retry_waits_anyway() -> None:
+    """A rate-token wait within the backoff plus max_wait is taken; one beyond it gives up."""
+    covered = Gates(limiter_wait=1.4, limiter_max_wait=0.5)
+    assert decide(LOCK, retry_after=1.0, gates=covered) == Step(None, 1.4, True)
+    assert decide(LOCK, retry_after=0.8, gates=covered).give_up is GiveUp.RATE_LIMITED
 
 
 def test_retry_after_is_honoured_up_to_its_cap() -> None:
