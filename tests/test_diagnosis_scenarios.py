@@ -309,3 +309,38 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
+
+
+async def test_reused_idempotency_keys_raise_idempotency_misuse(sim: Any, make_sidecar: Any) -> None:
+    """One Idempotency-Key sent with different parameters raises idempotency_misuse, then clears."""
+    sidecar = await make_sidecar(sim.url, **FAST)
+    misuse = {"on": False}
+
+    async def reuse_keys() -> None:
+        async with aiohttp.ClientSession() as s:
+            n = 0
+            while True:
+                if misuse["on"]:
+                    n += 1
+                    headers = {**AUTH, "Idempotency-Key": "order-42",
+                               "Content-Type": "application/x-www-form-urlencoded"}
+                    async with s.post(sidecar.url + "/v1/customers", data=f"email=u{n}%40x.com",
+                                      headers=headers) as resp:
+                        await resp.read()
+                await asyncio.sleep(0.02)
+
+    async def trouble() -> None:
+        misuse["on"] = True
+
+    async def health() -> None:
+        misuse["on"] = False
+
+    task = asyncio.create_task(reuse_keys())
+    try:
+        async with Traffic(sidecar.url):
+            d = await raised_then_cleared(sidecar.url, "idempotency_misuse", trouble, health)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert d["evidence"]["operations"] == ["POST /v1/customers"] and d["evidence"]["count"] >= 2

@@ -66,3 +66,40 @@ def test_cli_doctor_exits_1_on_a_closed_port(capsys: pytest.CaptureFixture[str],
     assert status == 1
     assert "[FAIL] connect" in out and "key …wxyz" in out and "key …abcd" in out
     assert KEY not in out and OTHER not in out
+
+
+async def _tls_simulator(ca: Any) -> tuple[Any, int]:
+    """The simulator served over TLS with a certificate for 127.0.0.1 signed by ``ca``."""
+    import ssl
+
+    from aiohttp import web
+
+    from proxy.simulator import create_app
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    runner = web.AppRunner(create_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+    return runner, runner.addresses[0][1]
+
+
+async def test_tls_steps_check_the_handshake_and_certificate(tmp_path: Any) -> None:
+    """Over TLS with the CA trusted every step passes and the certificate's expiry is shown; with another CA, TLS fails."""
+    import trustme
+
+    ca, other = trustme.CA(), trustme.CA()
+    trusted, untrusted = tmp_path / "ca.pem", tmp_path / "other.pem"
+    ca.cert_pem.write_to_path(str(trusted))
+    other.cert_pem.write_to_path(str(untrusted))
+    runner, port = await _tls_simulator(ca)
+    try:
+        url = f"https://127.0.0.1:{port}"
+        good = {s.name: s for s in await run_checks(url, [KEY], ca_file=str(trusted))}
+        bad = {s.name: s for s in await run_checks(url, [KEY], ca_file=str(untrusted))}
+    finally:
+        await runner.cleanup()
+    assert all(s.ok for s in good.values()), good
+    assert "certificate for 127.0.0.1 valid until" in good["tls"].detail
+    assert bad["tls"].ok is False and "certificate" in bad["tls"].detail.lower()
+    assert bad["clock"].ok is None and bad[f"key {mask(KEY)}"].ok is None
