@@ -169,11 +169,24 @@ async def test_outage_raises_stripe_outage_and_tags_answers(sim: Any, make_sidec
 
         async def health() -> None:
             assert "stripe_outage" in traffic.diagnosis_headers
+            assert 'stripe_sidecar_diagnosis_active{kind="stripe_outage"} 1.0' in await _metrics(
+                sidecar.url
+            )
             sim.set_profile("none")
 
         d = await raised_then_cleared(sidecar.url, "stripe_outage", trouble, health)
     assert d["severity"] == "critical" and len(d["evidence"]["operations"]) >= 2
     assert d["evidence"]["window_seconds"] == 2.0
+    assert 'stripe_sidecar_diagnosis_active{kind="stripe_outage"} 0.0' in await _metrics(sidecar.url)
+    sidecar.log.flush()
+    log = sidecar.log._stream.getvalue()
+    assert log.count('"event":"diagnosis_raised"') == 1
+    assert log.count('"event":"diagnosis_cleared"') == 1
+
+
+async def _metrics(base: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(base + "/metrics") as resp:
+        return await resp.text()
 
 
 async def test_revoked_key_raises_auth_failure(sim: Any, make_sidecar: Any) -> None:
@@ -344,3 +357,20 @@ async def test_reused_idempotency_keys_raise_idempotency_misuse(sim: Any, make_s
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert d["evidence"]["operations"] == ["POST /v1/customers"] and d["evidence"]["count"] >= 2
+
+
+async def test_healing_actions_show_on_diagnosis_metrics_and_log(sim: Any, make_sidecar: Any) -> None:
+    """A recorded action appears in /diagnosis actions, is counted by kind and result, and logged once."""
+    sidecar = await make_sidecar(sim.url, **FAST)
+    sidecar.diagnosis.record_action(
+        "pool_reset", "network_failure", "Reconnect after connect failures.", "ok",
+        before="3 idle", after="0 idle",
+    )
+    doc = await diagnosis(sidecar.url)
+    assert doc["actions"][0]["kind"] == "pool_reset" and doc["actions"][0]["result"] == "ok"
+    assert doc["actions"][0]["at"].endswith("Z")
+    assert 'stripe_sidecar_healing_actions_total{kind="pool_reset",result="ok"} 1.0' in await _metrics(
+        sidecar.url
+    )
+    sidecar.log.flush()
+    assert sidecar.log._stream.getvalue().count('"event":"healing_action"') == 1
