@@ -276,8 +276,10 @@ async def test_slow_stripe_raises_latency_degraded(sim: Any, make_sidecar: Any) 
 async def test_healthy_traffic_raises_nothing_with_the_shipped_defaults(
     sim: Any, make_sidecar: Any
 ) -> None:
-    """The `none` profile through a sidecar with default diagnosis settings raises nothing."""
-    sidecar = await make_sidecar(sim.url, diagnosis={"interval": 0.1}, log={"access_log": False})
+    """The `none` profile meets no default threshold (raise_after 0: one evaluation would raise)."""
+    sidecar = await make_sidecar(
+        sim.url, diagnosis={"interval": 0.1, "raise_after": 0.0}, log={"access_log": False}
+    )
     async with Traffic(sidecar.url) as traffic:
         await until(lambda: _enough(traffic, 150), 20, "150 answers")
     doc = await diagnosis(sidecar.url)
@@ -374,3 +376,19 @@ async def test_healing_actions_show_on_diagnosis_metrics_and_log(sim: Any, make_
     )
     sidecar.log.flush()
     assert sidecar.log._stream.getvalue().count('"event":"healing_action"') == 1
+
+
+async def test_a_bad_day_raises_nothing_with_the_shipped_defaults(make_sidecar: Any) -> None:
+    """10% transient faults (bad_day), retried by the sidecar, meet no default threshold at all.
+
+    raise_after is 0 here, so a threshold met for a single evaluation would raise.
+    """
+    async with start_simulator(profile="bad_day", seed=7) as sim:
+        sidecar = await make_sidecar(sim.url, diagnosis={"interval": 0.1, "raise_after": 0.0},
+                                     log={"access_log": False},
+                                     retry={"base_delay": 0.01, "max_delay": 0.05})
+        async with Traffic(sidecar.url) as traffic:
+            await until(lambda: _enough(traffic, 400), 30, "400 answers")
+        doc = await diagnosis(sidecar.url)
+    assert doc["active"] == [] and doc["recent"] == []
+    assert sim.books()["faults"], "the profile injected faults"
