@@ -377,3 +377,124 @@ def test_bad_window_rejected(window: float) -> None:
     """A non-positive window is a programming error."""
     with pytest.raises(ValueError):
         make(window=window)
+
+
+def test_one_second_window_is_valid_and_the_refusal_names_the_window() -> None:
+    """A one-second window works; a zero window is refused with a message naming it."""
+    CircuitBreaker(BreakerSettings(window=1.0), FakeClock())
+    with pytest.raises(ValueError, match="breaker window must be positive, not 0"):
+        CircuitBreaker(BreakerSettings(window=0), FakeClock())
+
+
+def test_overdue_probes_give_back_exactly_their_slots() -> None:
+    """Of three probes one succeeded and two were lost: after probe_timeout two new ones go out."""
+    breaker, clock, _ = make(min_calls=1, half_open_probes=3, probe_timeout=60.0)
+    trip(breaker)
+    clock.advance(5.0)
+    assert [breaker.try_acquire() for _ in range(3)] == [True, True, True]
+    breaker.record(False, 0.01)
+    clock.advance(60.0)
+    assert [breaker.try_acquire() for _ in range(3)] == [True, True, False]
+
+
+def test_late_answer_of_a_presumed_lost_probe_decides_nothing() -> None:
+    """Once lost probes were handed out again, a late failure from one of them is ignored."""
+    breaker, clock, _ = make(min_calls=1, half_open_probes=2, probe_timeout=60.0)
+    trip(breaker)
+    clock.advance(5.0)
+    assert breaker.try_acquire() and breaker.try_acquire()
+    clock.advance(60.0)
+    assert breaker.try_acquire()  # the two are presumed lost: a new probe
+    breaker.record(False, 0.01)  # the new probe succeeds
+    breaker.record(True, 0.01)  # a lost probe's late failure
+    assert breaker.state is HALF_OPEN
+
+
+def test_release_of_a_permit_taken_while_closed_adds_no_probe() -> None:
+    """A permit taken before the trip and released in half-open does not widen the probe count."""
+    breaker, clock, _ = make(min_calls=1, half_open_probes=1)
+    assert breaker.try_acquire()  # a call admitted while closed...
+    trip(breaker)
+    clock.advance(5.0)
+    assert breaker.state is HALF_OPEN
+    breaker.release()  # ...gives its permit back after the breaker went half-open
+    assert [breaker.try_acquire(), breaker.try_acquire()] == [True, False]
+
+
+def test_released_probe_slot_is_counted_exactly_once() -> None:
+    """Of three probes one is released: one more goes out, and three successes close."""
+    breaker, clock, _ = make(min_calls=1, half_open_probes=3)
+    trip(breaker)
+    clock.advance(5.0)
+    assert [breaker.try_acquire() for _ in range(3)] == [True, True, True]
+    breaker.release()
+    assert [breaker.try_acquire(), breaker.try_acquire()] == [True, False]
+    for _ in range(3):
+        breaker.record(False, 0.01)
+    assert breaker.state is CLOSED
+
+
+def test_released_then_lost_probe_comes_back_once() -> None:
+    """A released probe slot then a lost probe: after probe_timeout exactly one new probe."""
+    breaker, clock, _ = make(min_calls=1, half_open_probes=1, probe_timeout=60.0)
+    trip(breaker)
+    clock.advance(5.0)
+    assert breaker.try_acquire()
+    breaker.release()
+    assert breaker.try_acquire()  # then lost
+    clock.advance(60.0)
+    assert [breaker.try_acquire(), breaker.try_acquire()] == [True, False]
+
+
+def test_a_failure_on_a_whole_second_counts_in_that_second() -> None:
+    """A failure recorded exactly at a whole second stays in a 10 s window 9 s later, not 10."""
+    breaker, clock, _ = make(FakeClock(1000.0), min_calls=1000)
+    clock.now = 1001.0
+    breaker.record(True, 0.01, "a")
+    clock.now = 1010.0
+    assert breaker.window_counts() == (1, 1, 0)
+    clock.now = 1011.0
+    assert breaker.window_counts() == (0, 0, 0)
+
+
+def test_host_breaker_opens_on_slow_calls_spanning_operations() -> None:
+    """Slow calls across min_failing_operations operations open a host breaker; of one, never."""
+    breaker, _, _ = make(min_calls=3, slow_call_duration=1.0, slow_call_rate=1.0, min_failing_operations=2)
+    for _ in range(5):
+        call(breaker, False, duration=2.0, op="a")
+    assert breaker.state is CLOSED
+    call(breaker, False, duration=2.0, op="b")
+    assert breaker.state is OPEN
+
+
+def test_host_breaker_forgets_an_operation_exactly_one_window_old() -> None:
+    """A failure exactly `window` seconds old no longer counts towards spanning operations."""
+    breaker, clock, _ = make(FakeClock(1000.0), consecutive_failures=2, min_calls=1000, min_failing_operations=2, window=10.0)
+    call(breaker, True, op="a")
+    clock.now = 1010.0
+    call(breaker, True, op="b")
+    assert breaker.state is CLOSED
+    call(breaker, True, op="a")
+    assert breaker.state is OPEN
+
+
+def test_retry_after_is_zero_once_the_open_time_has_passed() -> None:
+    """retry_after() never goes negative nor invents a wait once the open time is over."""
+    breaker, clock, _ = make(min_calls=1, open_duration=5.0)
+    trip(breaker)
+    clock.advance(7.0)
+    assert breaker.retry_after() == 0.0
+
+
+def test_closing_resets_the_consecutive_count() -> None:
+    """After the breaker closes, consecutive_failures counts from zero again."""
+    breaker, clock, _ = make(consecutive_failures=3, min_calls=1000, half_open_probes=1)
+    for _ in range(3):
+        call(breaker, True)
+    assert breaker.state is OPEN
+    clock.advance(5.0)
+    call(breaker, False)
+    assert breaker.state is CLOSED
+    call(breaker, True)
+    call(breaker, True)
+    assert breaker.state is CLOSED

@@ -320,3 +320,32 @@ def test_outcome_labels() -> None:
         "client_error",
         "local_resources",
     ]
+
+
+def test_type_without_code_keeps_its_type() -> None:
+    """An error with a type and no code reports the type (it is not folded into a plain verdict)."""
+    verdict = classify_response(500, None, None, API_ERROR)
+    assert (verdict.outcome, verdict.error_type, verdict.error_code) == (Outcome.SERVER_ERROR, "api_error", None)
+
+
+def test_verdict_cache_takes_type_and_code_under_128_characters_only() -> None:
+    """Type + code of 127 characters is shared; of exactly 128 it is built anew each time."""
+    short = stripe_error("t", "c" * 126)
+    assert classify_response(400, None, None, short) is classify_response(400, None, None, short)
+    long = stripe_error("t", "d" * 127)
+    assert classify_response(400, None, None, long) is not classify_response(400, None, None, long)
+
+
+def test_error_body_of_exactly_the_parse_limit_is_read() -> None:
+    """A body of exactly 64 KiB is still parsed; one byte more is not."""
+    base = stripe_error("api_error", "padded")
+    exact = base[:-1] + b" " * ((1 << 16) - len(base)) + b"}"
+    assert len(exact) == 1 << 16
+    assert classify_response(500, None, None, exact).error_code == "padded"
+    assert classify_response(500, None, None, exact + b" ").error_code is None
+
+
+def test_one_byte_body_is_not_an_error_document() -> None:
+    """A body of a single "{" is classified by status alone, without a parse failure."""
+    verdict = classify_response(500, None, None, b"{")
+    assert (verdict.outcome, verdict.error_type, verdict.error_code) == (Outcome.SERVER_ERROR, None, None)

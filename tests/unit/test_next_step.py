@@ -148,3 +148,19 @@ def test_breaker_would_admit_matches_try_acquire_in_every_state() -> None:
     assert not breaker.try_acquire()
     clock.advance(breaker.settings.probe_timeout)
     assert breaker.would_admit()  # the lost probe's slot is handed out again
+
+
+def test_each_gate_gives_up_exactly_settled_with_no_delay() -> None:
+    """A refusing gate ends the request at once (no delay) and marks the answer settled."""
+    assert decide(gates=Gates(client_connected=False)) == Step(GiveUp.CLIENT_GONE, 0.0, True)
+    assert decide(gates=Gates(budget_available=False)) == Step(GiveUp.BUDGET, 0.0, True)
+    assert decide(gates=Gates(limiter_wait=None)) == Step(GiveUp.RATE_LIMITED, 0.0, True)
+    assert decide(gates=Gates(breakers_admit=False)) == Step(GiveUp.BREAKER_OPEN, 0.0, True)
+
+
+def test_deadline_is_checked_before_the_gates_and_at_its_exact_end() -> None:
+    """At exactly the deadline the answer is DEADLINE (not a gate's reason, and unsettled for an
+    unsent POST); a backoff ending exactly at the deadline is not waited for."""
+    unsent = decide(NOT_SENT, has_idempotency_key=False, elapsed=20.0, gates=Gates(budget_available=False))
+    assert unsent == Step(GiveUp.DEADLINE, 0.0, False)
+    assert decide(elapsed=19.95) == Step(GiveUp.DEADLINE, 0.0, True)  # 19.95 + 0.05 == 20.0

@@ -264,3 +264,55 @@ def test_budget_rejects_bad_window() -> None:
     """A non-positive window is a programming error."""
     with pytest.raises(ValueError):
         RetryBudget(0.2, 5.0, 0.0, FakeClock())
+
+
+def test_retry_after_too_large_for_a_float_is_ignored() -> None:
+    """Delta-seconds that overflow a float (400 digits) are unusable: None, not infinity."""
+    assert parse_retry_after("9" * 400, NOW) is None
+
+
+def test_retry_after_date_under_a_second_ahead_is_waited_for() -> None:
+    """An HTTP-date half a second ahead of the wall clock means a 0.5 s wait, not 0."""
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", NOW - 0.5) == 0.5
+
+
+def test_budget_window_of_one_second_is_valid_and_zero_is_refused() -> None:
+    """A one-second budget window works; a zero window is refused with a message naming it."""
+    RetryBudget(0.0, 1.0, 1.0, FakeClock())
+    with pytest.raises(ValueError, match="retry budget window must be positive, not 0"):
+        RetryBudget(0.0, 1.0, 0, FakeClock())
+
+
+def test_budget_counts_a_request_made_on_a_second_boundary_in_the_new_second() -> None:
+    """A request made exactly at a whole second belongs to that second: it is still in a 10 s
+    window 9 s later, and available()/counts() move the window on."""
+    clock = FakeClock(1000.0)
+    budget = RetryBudget(1.0, 0.0, 10.0, clock)  # one retry per request, no floor
+    clock.now = 1001.0
+    budget.record_request()
+    clock.now = 1010.0
+    assert budget.counts() == (1, 0)
+    assert budget.available()
+    clock.now = 1011.0
+    assert not budget.available()  # first to look at 1011.0: it must move the window itself
+    clock.now = 1012.0
+    assert budget.counts() == (0, 0)
+
+
+def test_budget_counts_moves_the_window_on_at_a_whole_second() -> None:
+    """counts() at exactly the end of a request's window no longer includes it."""
+    clock = FakeClock(1000.0)
+    budget = RetryBudget(1.0, 0.0, 1.0, clock)
+    budget.record_request()
+    clock.now = 1001.0
+    assert budget.counts() == (0, 0)
+
+
+def test_budget_available_moves_the_window_on() -> None:
+    """available() alone forgets requests that left the window."""
+    clock = FakeClock(1000.0)
+    budget = RetryBudget(1.0, 0.0, 2.0, clock)
+    budget.record_request()
+    assert budget.available()
+    clock.now = 1005.0
+    assert not budget.available()

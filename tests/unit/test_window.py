@@ -26,3 +26,17 @@ def test_a_long_pause_clears_everything() -> None:
     ring[buckets.idx] += 3
     buckets.advance(50.0)
     assert sum(ring) == 0 and buckets.idx == 50 % 2
+
+
+def test_one_second_window_holds_only_the_current_second() -> None:
+    """With a 1 s window, a count is gone as soon as the next second starts."""
+    buckets = SecondBuckets(1.0, 1, 100.0)
+    (ring,) = buckets.rings
+    ring[buckets.idx] += 1
+    buckets.advance(101.0)
+    assert sum(ring) == 0
+
+
+def test_edge_is_the_start_of_the_next_second() -> None:
+    """A new window's edge is the next whole second after ``now``."""
+    assert SecondBuckets(3.0, 1, 100.2).edge == 101.0
