@@ -58,7 +58,6 @@ class UpstreamError(SidecarError):
         self.response_started = response_started
         # The client stalled or vanished mid-body: not Stripe's fault, so no breaker counts it.
         self.caused_by_client = caused_by_client
-        self.resent = False  # the request went out twice (a stale pooled connection first)
         super().__init__(message)
 
 
