@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from fakeclock import FakeClock
+
 from proxy.bulkhead import Bulkhead, Compartment
+from proxy.deadlines import Deadlines
 
 
 def test_compartment_starts_empty_with_its_limit() -> None:
@@ -106,12 +109,20 @@ async def test_a_waiter_for_a_full_compartment_does_not_block_others() -> None:
 
 
 async def test_wait_that_times_out_refuses_and_leaves_the_queue() -> None:
-    """A waiter not served within max_wait gets False and is removed from the queue."""
-    bulkhead = Bulkhead(1, 0.01)
+    """A waiter not served within max_wait (on the injected clock) gets False and leaves the queue."""
+    clock = FakeClock()
+    deadlines = Deadlines(clock, 0.05)
+    bulkhead = Bulkhead(1, 1.0, deadlines)
     a = Compartment(1)
     assert bulkhead.try_enter(a)
-    assert not await bulkhead.enter(a)
-    assert len(bulkhead._waiters) == 0
+    waiting = asyncio.create_task(bulkhead.enter(a))
+    await asyncio.sleep(0)
+    clock.advance(0.99)
+    assert deadlines.sweep() == 0 and not waiting.done()
+    clock.advance(0.01)
+    assert deadlines.sweep() == 1
+    assert await waiting is False
+    assert len(bulkhead._waiters) == 0 and len(deadlines) == 0
     assert (bulkhead.in_flight, a.in_flight) == (1, 1)
     bulkhead.leave(a)
     assert bulkhead.try_enter(a)
