@@ -154,7 +154,7 @@ def test_each_gate_gives_up_exactly_settled_with_no_delay() -> None:
     """A refusing gate ends the request at once (no delay) and marks the answer settled."""
     assert decide(gates=Gates(client_connected=False)) == Step(GiveUp.CLIENT_GONE, 0.0, True)
     assert decide(gates=Gates(budget_available=False)) == Step(GiveUp.BUDGET, 0.0, True)
-    assert decide(gates=Gates(limiter_wait=None)) == Step(GiveUp.RATE_LIMITED, 0.0, True)
+    assert decide(gates=Gates(limiter_wait=5.0, limiter_max_wait=0.5)) == Step(GiveUp.RATE_LIMITED, 0.0, True)
     assert decide(gates=Gates(breakers_admit=False)) == Step(GiveUp.BREAKER_OPEN, 0.0, True)
 
 
