@@ -120,6 +120,7 @@ class Sidecar:
             on_overload=self.metrics.connections_over_bound.inc,
             body_timeout=s.body_timeout,
             body_deadline=s.body_deadline,
+            write_timeout=s.write_timeout,
             deadlines=self.deadlines,
         )
         self.server.forward = self.forwarder.forward  # skip this class's indirection per request

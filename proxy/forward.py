@@ -149,6 +149,7 @@ class Call:
         "in_bulkhead",
         "in_limiter",
         "injected",
+        "latency",
         "limiter_wait",
         "op",
         "outcome",
@@ -172,6 +173,7 @@ class Call:
         self.in_limiter = False  # counted in flight by the rate limiter
         self.limiter_wait = 0.0
         self.attempt = 0  # sends to Stripe so far
+        self.latency = 0.0  # the last attempt's, until its answer's head (or failure)
         self.resp: Response | None = None
         self.error: UpstreamError | None = None
         self.verdict: Verdict = _NOT_YET
@@ -299,19 +301,13 @@ class Forwarder:
                         self._make_safe(call)
                         await self._attempts(call, permits)
                 finally:
-                    if call.in_bulkhead:
-                        self._leave_bulkhead(call)
-                    if call.in_limiter:
-                        assert self.limiter is not None
-                        self.limiter.release(call.op.name)
-            if refusal is not None:
-                self._refuse(call, refusal)
-            else:
-                ended = self._respond(call)
-                if ended is not None:
-                    cut = await ended  # a streamed answer is recorded once it has ended
-                    if cut is not None:
-                        call.outcome = cut
+                    self._leave(call)
+                if refusal is not None:
+                    self._refuse(call, refusal)
+                else:
+                    ended = self._respond(call)
+                    if ended is not None:  # streaming: its permits are spent when it ends
+                        await self._stream_ended(call, ended, permits)
         except asyncio.CancelledError:  # the shutdown grace ran out (proxy.server.Server)
             self.respond.shutting_down(call)
             self._record(call)  # the record stage below is skipped: the task ends here
@@ -352,10 +348,16 @@ class Forwarder:
             call.in_limiter = True
         return None
 
-    def _leave_bulkhead(self, call: Call) -> None:
-        assert self.bulkhead is not None
-        self.bulkhead.leave(call.op.compartment)
-        call.in_bulkhead = False
+    def _leave(self, call: Call) -> None:
+        """Give back the bulkhead slot and the limiter's in-flight slot the call holds."""
+        if call.in_bulkhead:
+            assert self.bulkhead is not None
+            self.bulkhead.leave(call.op.compartment)
+            call.in_bulkhead = False
+        if call.in_limiter:
+            assert self.limiter is not None
+            self.limiter.release(call.op.name)
+            call.in_limiter = False
 
     # -- make safe ------------------------------------------------------------------------------
     def _make_safe(self, call: Call) -> None:
@@ -426,7 +428,9 @@ class Forwarder:
                     call.step = Step(GiveUp.ANSWERED, 0.0, False)
                     return
             duration = self._clock() - t0
-            permits.record(call.verdict.upstream_failure, duration)
+            call.latency = duration
+            if call.resp is None or call.resp.complete:
+                permits.record(call.verdict.upstream_failure, duration)
             if call.verdict.outcome is Outcome.RATE_LIMITED and self.limiter is not None:
                 assert call.resp is not None
                 self.limiter.on_rate_limited(call.op.name, call.resp.rate_limited_reason)
@@ -538,6 +542,20 @@ class Forwarder:
         assert error is not None
         self.respond.failure(call, error.caused_by_client, str(error))
         return None
+
+    async def _stream_ended(
+        self, call: Call, ended: asyncio.Future[str | None], permits: Permits
+    ) -> None:
+        """Wait for a streamed answer to end, then tell the breakers how its attempt went.
+
+        An answer Stripe broke off mid-body is a failure, like any cut connection; one the
+        client left or stalled on says nothing against Stripe.
+        """
+        cut = await ended
+        broke_off = cut == Outcome.CONNECTION_ERROR
+        permits.record(broke_off or call.verdict.upstream_failure, call.latency)
+        if cut is not None:
+            call.outcome = cut
 
     def _refuse(self, call: Call, reason: str) -> None:
         if reason == "circuit_open":

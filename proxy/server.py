@@ -66,8 +66,8 @@ _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b""})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # What the connection's one deadline currently means.
-_NO_DEADLINE, _HEAD, _IDLE, _BODY, _LINGER = 0, 1, 2, 3, 4
-_WAITING_FOR = {_IDLE: "idle", _BODY: "body", _LINGER: "linger"}
+_NO_DEADLINE, _HEAD, _IDLE, _BODY, _LINGER, _WRITE = 0, 1, 2, 3, 4, 5
+_WAITING_FOR = {_IDLE: "idle", _BODY: "body", _LINGER: "linger", _WRITE: "client_to_read"}
 # After the last answer on a connection whose client may still be sending (a refusal, a stray
 # byte after a closing request), the sidecar half-closes and reads (discarding) for up to this
 # long before closing: closing with unread input makes the kernel send a reset, which can
@@ -245,6 +245,7 @@ class Server:
         operator_paths: frozenset[str],
         body_timeout: float = 10.0,
         body_deadline: float = 300.0,
+        write_timeout: float = 60.0,
         max_connections: int = 1 << 30,
         overflow: int = 64,
         on_overload: Callable[[], None] | None = None,
@@ -268,6 +269,8 @@ class Server:
         self.operator_paths = operator_paths
         self.body_timeout = body_timeout
         self.body_deadline = body_deadline
+        # A client that takes nothing of its answers for this long is cut off.
+        self.write_timeout = write_timeout
         # A chunk header (possibly the last one, before trailers) must be followed in time.
         self.trailer_timeout = min(header_timeout, body_timeout)
         self.max_connections = max_connections
@@ -539,10 +542,22 @@ class ClientConnection(asyncio.Protocol):
         self._write_paused = True
         self.pause_reading()
         if self._streaming is not None:
-            self._streaming.conn.pause_reading()
+            self._streaming.conn.pause_reading()  # the upstream side bounds this stall
+        elif not self.busy:
+            self._await_reader()
+
+    def _await_reader(self) -> None:
+        """Answers are waiting for a client that reads nothing: bound that by write_timeout."""
+        self.deadline = self._server.clock() + self._server.write_timeout
+        self._deadline_kind = _WRITE
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._deadline_kind == _WRITE:
+            self.deadline, self._deadline_kind = 0.0, _NO_DEADLINE
+            if not self.busy and not self._queue and self._req is None and not self.closed:
+                self.deadline = self._server.clock() + self._server.idle_timeout
+                self._deadline_kind = _IDLE
         if self._streaming is not None:
             self._streaming.conn.resume_reading()
         for waiter in self._drain_waiters:
@@ -835,12 +850,17 @@ class ClientConnection(asyncio.Protocol):
         if self._queue:
             if not self._write_paused:  # else resume_writing starts it
                 self._start(self._queue.popleft())
+            else:
+                self._await_reader()
             return
         if self._input_done:
             self._close_after_refusal()
             return
         self._flow()
         if self._req is None:
+            if self._write_paused:
+                self._await_reader()  # idle only once the client has taken its answers
+                return
             self.deadline = self._server.clock() + self._server.idle_timeout
             self._deadline_kind = _IDLE
 
@@ -924,6 +944,8 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
         elif kind == _BODY:
             self._body_expired()
+        elif kind == _WRITE:
+            self.abort()  # it took nothing of its answers for write_timeout
         elif self._req is not None:
             message = "The request headers did not arrive in time."
             self._refuse(_timeout("header_timeout", message), 408)

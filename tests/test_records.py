@@ -114,3 +114,31 @@ async def test_a_streamed_answer_cut_midway_is_never_recorded_as_a_success(raw_u
         for s in family.samples
     }
     assert outcomes == {"connection_error"}
+
+
+async def test_streams_stripe_breaks_off_count_against_the_breaker(raw_upstream, make_sidecar):
+    """Two large answers cut midway by the upstream open a breaker set to trip after two failures."""
+    size = 3 * 1024 * 1024
+
+    def cut(r: Received):
+        async def write(transport: asyncio.Transport) -> None:
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            transport.write(b"x" * (size // 2))
+            await asyncio.sleep(0)
+            transport.abort()
+
+        return write
+
+    up = await raw_upstream(cut)
+    sc = await make_sidecar(up.url, breaker={"consecutive_failures": 2, "open_duration": 60.0})
+    for _ in range(2):
+        _, closed = await exchange(sc.port, GET_FILE, timeout=10)
+        assert closed
+    breaker = sc.forwarder.breakers()["GET /v1/files/{file}/contents"]
+    deadline = asyncio.get_running_loop().time() + 5
+    while breaker.state.value != "open":
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    result, _ = await exchange(sc.port, GET_FILE)
+    assert result[0].status == 503 and result[0].json()["error"]["code"] == "sidecar_circuit_open"
+    assert len(up.received) == 2

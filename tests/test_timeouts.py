@@ -4,6 +4,7 @@ and sweeps, and nothing waits on the wall clock."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -214,4 +215,25 @@ async def test_a_streamed_answer_that_goes_silent_is_cut_at_attempt_timeout_on_t
     await until(lambda: bool(answered()))
     assert answered() == {"connection_error"}
     release.set()
+    writer.close()
+
+
+async def test_a_client_that_never_reads_its_answers_is_cut_at_write_timeout(raw_upstream, make_sidecar):
+    """Pipelined requests for large answers, never read: held until write_timeout, then cut."""
+    big = json_answer(200, b'{"data":"' + b"x" * (900 * 1024) + b'"}')
+    up = await raw_upstream(lambda r: big)
+    clock = FakeClock()
+    sc = await make_sidecar(up.url, clock=clock, server={**LIMITS, "write_timeout": 60.0})
+    _, writer = await open_raw(sc.port)
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(GET * 20)
+    await waiting_for(sc, "client_to_read")
+    forwarded = len(up.received)
+    assert forwarded < 20  # backpressure: the rest wait for the client
+    clock.advance(59.9)
+    assert sc.deadlines.sweep() == 0
+    clock.advance(0.1)
+    assert sc.deadlines.sweep() == 1
+    await until(lambda: not sc.server.connections)
+    assert len(up.received) == forwarded
     writer.close()
