@@ -137,6 +137,7 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     await asyncio.sleep(0)
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
+    assert waiting.cancelled()  # the caller's cancellation propagates; it is not a time-out
     assert len(bulkhead._waiters) == 0
     bulkhead.leave(a)
     assert (bulkhead.in_flight, a.in_flight) == (0, 0)
@@ -163,3 +164,17 @@ async def test_hand_over_adds_to_the_waiters_compartment_count() -> None:
     bulkhead.leave(b)
     assert await waiting
     assert (bulkhead.in_flight, a.in_flight, b.in_flight) == (3, 3, 0)
+
+
+async def test_a_waiter_cancelled_as_it_is_handed_a_slot_gives_it_back() -> None:
+    """A slot handed to a waiter that is cancelled before it resumes goes back to the bulkhead."""
+    bulkhead = Bulkhead(1, 30.0)
+    a = Compartment(1)
+    assert bulkhead.try_enter(a)
+    waiting = asyncio.create_task(bulkhead.enter(a))
+    await asyncio.sleep(0)
+    bulkhead.leave(a)  # handed over to the waiter...
+    waiting.cancel()  # ...which is cancelled before it runs again
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert waiting.cancelled()
+    assert (bulkhead.in_flight, a.in_flight) == (0, 0)

@@ -24,6 +24,13 @@ def stripe_error(error_type: str, code: str | None = None, **extra: str) -> byte
     return json.dumps({"error": error}).encode()
 
 
+@pytest.fixture(autouse=True)
+def empty_verdict_cache() -> None:
+    """Each test starts with an empty shared verdict cache, whatever ran before (in this process
+    or, under mutation testing, in the parent that forked it)."""
+    classify._DETAILED.clear()
+
+
 HTML_502 = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
 INVALID = stripe_error("invalid_request_error", "resource_missing")
 API_ERROR = stripe_error("api_error")
@@ -349,3 +356,18 @@ def test_one_byte_body_is_not_an_error_document() -> None:
     """A body of a single "{" is classified by status alone, without a parse failure."""
     verdict = classify_response(500, None, None, b"{")
     assert (verdict.outcome, verdict.error_type, verdict.error_code) == (Outcome.SERVER_ERROR, None, None)
+
+
+def test_error_param_is_reported_and_part_of_the_shared_verdict() -> None:
+    """error.param is reported when it is a string, and verdicts differing only in it differ."""
+    amount = classify_response(400, None, None, stripe_error("invalid_request_error", "parameter_missing", param="amount"))
+    currency = classify_response(400, None, None, stripe_error("invalid_request_error", "parameter_missing", param="currency"))
+    assert (amount.error_code, amount.error_param, currency.error_param) == ("parameter_missing", "amount", "currency")
+    odd = json.dumps({"error": {"type": "invalid_request_error", "code": "x", "param": 7}}).encode()
+    assert classify_response(400, None, None, odd).error_param is None
+
+
+def test_a_long_param_keeps_the_verdict_out_of_the_cache() -> None:
+    """Type + code + param of 128 characters or more is built anew each time."""
+    body = stripe_error("t", "c", param="p" * 200)
+    assert classify_response(400, None, None, body) is not classify_response(400, None, None, body)

@@ -164,3 +164,10 @@ def test_deadline_is_checked_before_the_gates_and_at_its_exact_end() -> None:
     unsent = decide(NOT_SENT, has_idempotency_key=False, elapsed=20.0, gates=Gates(budget_available=False))
     assert unsent == Step(GiveUp.DEADLINE, 0.0, False)
     assert decide(elapsed=19.95) == Step(GiveUp.DEADLINE, 0.0, True)  # 19.95 + 0.05 == 20.0
+
+
+def test_a_limiter_wait_of_exactly_backoff_plus_max_wait_is_waited_for() -> None:
+    """A rate-token wait equal to the backoff plus limiter_max_wait is still accepted."""
+    settings = RetrySettings(max_attempts=4, base_delay=1.0, max_delay=1.0, deadline=20.0)
+    gates = Gates(limiter_wait=0.75, limiter_max_wait=0.25)  # backoff 0.5 (jitter 0.5)
+    assert decide(settings=settings, gates=gates) == Step(None, 0.75, True)
