@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import os
 import random
 import signal
 import time
@@ -17,8 +19,12 @@ from proxy.alerts import Notifier
 from proxy.config import Config, config_warnings, parse_listen
 from proxy.deadlines import Deadlines
 from proxy.diagnosis import DiagnosisEngine
+from proxy.errors import ConfigError
 from proxy.fdlimit import FdPlan, plan_connections, raise_nofile_limit
 from proxy.forward import Forwarder
+from proxy.healing import Healer
+from proxy.keycheck import KeyKeeper, read_keys_file
+from proxy.keys import ENV_KEYS, ENV_TOKEN, HeldKey, KeySet, keys_from_env
 from proxy.log import Logger
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.observers import AccessLog, MetricsRecorder
@@ -61,8 +67,15 @@ class Sidecar:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         observers: Sequence[Observer] = (),
+        secret_keys: Sequence[str] = (),
+        client_token: str | None = None,
     ) -> None:
         self.config = config
+        # The Stripe keys the sidecar holds (None: apps send their own); ConfigError when
+        # holding them here would be unsafe.
+        self.keys = held_keys(config, secret_keys, client_token)
+        self.keeper: KeyKeeper | None = None
+        self.healer: Healer | None = None
         self._extra_observers = tuple(observers)
         self._sleep = sleep
         self._rand = rand
@@ -104,6 +117,8 @@ class Sidecar:
             sleep=self._sleep,
             rand=self._rand,
             deadlines=self.deadlines,
+            keys=self.keys,
+            on_key_failover=self._key_failover,
         )
         s = self.config.server
         plan = self._plan_fds()
@@ -131,6 +146,7 @@ class Sidecar:
         for warning in config_warnings(self.config):
             self.log.event("config_warning", "warning", message=warning)
         self._start_diagnosis()
+        self._start_keys_and_healing()
         self.log.event(
             "started",
             version=__version__,
@@ -158,10 +174,31 @@ class Sidecar:
             self.notifier = Notifier(self.config.alerts, self.diagnosis, log=self.log)
             self.notifier.start()
 
+    def _start_keys_and_healing(self) -> None:
+        fw = self.forwarder
+        assert fw is not None
+        if self.keys is not None:
+            self.keeper = KeyKeeper(
+                self.keys, self.config.keys, pool=fw.pools["api"], engine=self.diagnosis,
+                log=self.log, diagnose=self.config.diagnosis.enabled,
+            )  # fmt: skip
+            self.keeper.start()
+        if self.config.healing.enabled and self.config.diagnosis.enabled:
+            self.healer = Healer(
+                self.diagnosis, self.config.healing, pools=fw.pools.values,
+                compartments=fw.compartments, clock=self._clock,
+            )  # fmt: skip
+
+    def _key_failover(self, used: HeldKey, target: HeldKey, operation: str) -> None:
+        if self.keeper is not None:
+            self.keeper.failed_over(used, target, operation)
+
     def _evaluate(self) -> None:
-        """Run the diagnosis rules (on a timer, never on the request path)."""
+        """Run the diagnosis rules and the healer's steps (on a timer, never per request)."""
         try:
             self.diagnosis.evaluate()
+            if self.healer is not None:
+                self.healer.tick()
         except Exception as exc:  # a bug in a rule must not stop diagnosis for good
             self.log.event("internal_error", "error", where="diagnosis", error=repr(exc))
         loop = asyncio.get_running_loop()
@@ -187,6 +224,8 @@ class Sidecar:
         report = ShutdownReport(0, 0)
         if self._evaluator is not None:
             self._evaluator.cancel()
+        if self.keeper is not None:
+            self.keeper.stop()
         if self.server is not None:
             self.log.event("draining", drain_period=s.drain_period, shutdown_grace=s.shutdown_grace)
             report = await self.server.shutdown(s.drain_period, s.shutdown_grace, hurry=hurry)
@@ -317,6 +356,40 @@ class Sidecar:
         }
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def held_keys(config: Config, secret_keys: Sequence[str], token: str | None) -> KeySet | None:
+    """The keys the sidecar holds (from the environment or ``keys.file``), or None.
+
+    ConfigError when both sources are set, the file has no usable key, or the sidecar would
+    hold keys while listening beyond loopback without a client token.
+    """
+    path = config.keys.file
+    if path is not None and secret_keys:
+        raise ConfigError([f"keys.file: set it or {ENV_KEYS}, not both"], "keys")
+    keys = list(secret_keys) if secret_keys else read_keys_file(path) if path else []
+    if not keys:
+        return None
+    host, _ = parse_listen(config.server.listen)
+    if token is None and not _loopback(host):
+        raise ConfigError(
+            [
+                f"server.listen: {config.server.listen} is beyond loopback and the sidecar holds "
+                f"Stripe keys, so anyone who reaches it could spend them: set {ENV_TOKEN} (apps "
+                "then use it as their API key), or listen on 127.0.0.1"
+            ],
+            "keys",
+        )
+    return KeySet(keys, token)
+
+
 def _sweep_resolution(config: Config) -> float:
     """How often deadlines are swept: a fifth of the shortest time-out, within 10-250 ms."""
     s, r = config.server, config.retry
@@ -334,7 +407,10 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     were answered ``503 sidecar_shutting_down`` or cut (the ``stopped`` event says how many).
     A second signal ends the drain period at once; requests in flight keep their grace.
     """
-    sidecar = Sidecar(config)
+    keys, problems, token = keys_from_env(os.environ)
+    if problems:
+        raise ConfigError(problems, "environment")
+    sidecar = Sidecar(config, secret_keys=keys, client_token=token)
     port = await sidecar.start()
     if ready is not None:
         ready(port)

@@ -17,13 +17,14 @@ __all__ = ["Bulkhead", "Compartment"]
 
 
 class Compartment:
-    """The in-flight count of one operation."""
+    """The in-flight count of one operation, and its peak since the healer last looked."""
 
-    __slots__ = ("in_flight", "limit")
+    __slots__ = ("in_flight", "limit", "peak")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
+        self.peak = 0  # reset by proxy.healing each evaluation; sizes a tightened bound
 
 
 class Bulkhead:
@@ -51,6 +52,8 @@ class Bulkhead:
         ):
             self.in_flight += 1
             comp.in_flight += 1
+            if comp.in_flight > comp.peak:
+                comp.peak = comp.in_flight
             return True
         return False
 

@@ -22,6 +22,8 @@ import yaml
 from proxy.alerts import AlertSettings, Webhook
 from proxy.breaker import BreakerSettings
 from proxy.errors import ConfigError
+from proxy.healing import HealingSettings
+from proxy.keys import KeySettings
 from proxy.ratelimit import RateLimitSettings
 from proxy.retry import RetrySettings
 from proxy.routes import DEFAULT_ROUTES, HostRoute, operation_table
@@ -155,6 +157,8 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     diagnosis: DiagnosisSettings = field(default_factory=DiagnosisSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    keys: KeySettings = field(default_factory=KeySettings)
+    healing: HealingSettings = field(default_factory=HealingSettings)
     operations: Mapping[str, OperationSettings] = field(default_factory=dict)
 
     def for_operation(self, operation: str) -> OperationSettings:
@@ -218,8 +222,15 @@ _POSITIVE = {
     "timeout",
     "backoff",
     "queue_size",
+    "poll_interval",
+    "check_interval",
+    "check_timeout",
+    "min_in_flight",
+    "restore_interval",
 }
-_RATIO = {"failure_rate", "decrease_factor", "min_429_share", "ratio", "clear_ratio"}
+_RATIO = {
+    "failure_rate", "decrease_factor", "min_429_share", "ratio", "clear_ratio", "tighten_factor"
+}
 _METHODS = {"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "*"}
 
 

@@ -400,6 +400,26 @@ class DiagnosisEngine:
             callback(action)
         return action
 
+    def raise_now(self, kind: str, check: Check) -> DiagnosisEvent | None:
+        """Raise ``kind`` at once, as an action saw it happen (a failover after one 401).
+
+        No hysteresis on the way up: the action is the evidence. It clears like any other,
+        once its rule finds the condition gone for ``clear_after``. None if already active.
+        """
+        if kind in self.active:
+            return None
+        track = self._tracks[kind]
+        track.held_since, track.gone_since = self._clock(), None
+        raised = Diagnosis(
+            kind, check.severity, check.summary, check.evidence, check.action, self._wall()
+        )
+        self.active[kind] = raised
+        self.recent.appendleft(raised)
+        event = DiagnosisEvent("raised", raised)
+        for callback in tuple(self._subscribers):
+            callback(event)
+        return event
+
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> list[DiagnosisEvent]:
         """Run every rule on the window as of now; raise and clear; return (and publish) events."""

@@ -11,6 +11,7 @@ access log, and whatever subscribes next).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import random
 import ssl
@@ -30,6 +31,7 @@ from proxy.classify import (
 from proxy.config import Config, OperationSettings
 from proxy.deadlines import Deadlines
 from proxy.errors import UpstreamError
+from proxy.keys import HeldKey, KeySet
 from proxy.log import Logger
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimiter, wait_for_slot
@@ -149,6 +151,7 @@ class Call:
         "in_bulkhead",
         "in_limiter",
         "injected",
+        "key",
         "latency",
         "limiter_wait",
         "op",
@@ -158,6 +161,7 @@ class Call:
         "start",
         "status",
         "step",
+        "switched_key",
         "verdict",
     )
 
@@ -180,6 +184,8 @@ class Call:
         self.step = _ANSWERED
         self.status = 0
         self.outcome = ""
+        self.key: HeldKey | None = None  # the held key the request goes with
+        self.switched_key = False  # moved to the next held key after a 401
 
     @property
     def settled(self) -> bool:
@@ -202,8 +208,13 @@ class Forwarder:
         rand: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         deadlines: Deadlines | None = None,
+        keys: KeySet | None = None,
+        on_key_failover: Callable[[HeldKey, HeldKey, str], None] | None = None,
     ) -> None:
         self.config = config
+        # The Stripe keys the sidecar holds (None: the app's own Authorization goes through).
+        self.keys = keys
+        self._on_key_failover = on_key_failover
         self.metrics = metrics
         # Attempt, stream and connect time-outs: the sidecar's one sweeper, on ``clock``.
         self.deadlines = deadlines if deadlines is not None else Deadlines(clock, 0.1)
@@ -281,6 +292,12 @@ class Forwarder:
         out.update({name: op.breaker for name, op in self._ops.items() if op.breaker is not None})
         return out
 
+    def compartments(self) -> dict[str, Compartment]:
+        """Each operation's bulkhead compartment by name (empty with the bulkhead off)."""
+        if self.bulkhead is None:
+            return {}
+        return {name: op.compartment for name, op in self._ops.items()}
+
     def close(self) -> None:
         """Close pooled upstream connections."""
         for pool in self.pools.values():
@@ -322,6 +339,10 @@ class Forwarder:
     # -- admit ----------------------------------------------------------------------------------
     async def _admit(self, call: Call, permits: Permits) -> str | None:
         """Breakers, bulkhead, limiter; the reason to refuse, or None with everything taken."""
+        if self.keys is not None and self.keys.client_auth is not None:
+            sent = call.req.authorization
+            if sent is None or not hmac.compare_digest(sent, self.keys.client_auth):
+                return "client_token_required"
         self.budget.record_request()
         if not permits.acquire():
             return "circuit_open"
@@ -375,6 +396,8 @@ class Forwarder:
             call.injected = b"%s%x" % (self._key_base, self._key_count)
             call.has_key = True
             head_lines.append(b"Idempotency-Key: " + call.injected + b"\r\n")
+        if self.keys is not None:
+            head_lines = self._with_held_key(call, head_lines)
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%b" % (
             req.method.encode(),
             req.target,
@@ -392,6 +415,19 @@ class Forwarder:
         else:
             head += b"\r\n"
         call.head = head
+
+    def _with_held_key(self, call: Call, head_lines: list[bytes]) -> list[bytes]:
+        """Put the active held key's ready Authorization line in place of the app's."""
+        assert self.keys is not None
+        key = call.key = self.keys.active
+        at = call.req.auth_at
+        if at >= 0:
+            head_lines[at] = key.line
+            return head_lines
+        if at == -2:  # several Authorization lines: none of them may go on
+            head_lines = [h for h in head_lines if h[:14].lower() != b"authorization:"]
+        head_lines.append(key.line)
+        return head_lines
 
     # -- attempt loop ---------------------------------------------------------------------------
     async def _attempts(self, call: Call, permits: Permits) -> None:
@@ -435,7 +471,12 @@ class Forwarder:
                 assert call.resp is not None
                 self.limiter.on_rate_limited(call.op.name, call.resp.rate_limited_reason)
             step = self._next_step(call, permits)
-            call.step = step if step.give_up is not None else self._take_retry(call, permits, step)
+            if step.give_up is not None:
+                call.step = step
+            elif step.switch_key:
+                call.step = self._switch_key(call, permits, step)
+            else:
+                call.step = self._take_retry(call, permits, step)
             self._emit_attempt(call, duration)
             if call.step.give_up is not None:
                 return
@@ -447,6 +488,10 @@ class Forwarder:
         retry_after = None
         if resp is not None and resp.retry_after is not None:
             retry_after = parse_retry_after(resp.retry_after, self._wall())
+        if verdict.retryable:
+            gates = self._gates(call, permits)
+        else:  # with no key held, one attribute check
+            gates = _OPEN_GATES if call.key is None else self._final_gates(call)
         return next_step(
             verdict,
             attempt=call.attempt,
@@ -457,9 +502,38 @@ class Forwarder:
             answer_held=resp is None or resp.complete,
             retry_after=retry_after,
             settings=call.op.retry,
-            gates=self._gates(call, permits) if verdict.retryable else _OPEN_GATES,
+            gates=gates,
             rand=self._rand,
+            switched_key=call.switched_key,
         )
+
+    def _final_gates(self, call: Call) -> Gates:
+        """Gates for an answer that is not retryable: only a 401 with held keys may go again."""
+        if call.verdict.outcome is not Outcome.AUTHENTICATION or self.keys is None:
+            return _OPEN_GATES
+        assert call.key is not None
+        return Gates(
+            client_connected=not call.conn.closed,
+            next_key_available=self.keys.next_after(call.key) is not None,
+        )
+
+    def _switch_key(self, call: Call, permits: Permits, step: Step) -> Step:
+        """Move on to the next held key after a 401 (no budget, no backoff); or give up."""
+        assert self.keys is not None and call.key is not None
+        if not permits.acquire():
+            return Step(GiveUp.BREAKER_OPEN, 0.0, True)
+        used = call.key
+        was_active = used is self.keys.active
+        target = self.keys.fail_over(used)
+        if target is None:  # cannot happen after next_step saw one; kept safe
+            permits.release()
+            return Step(GiveUp.KEYS_EXHAUSTED, 0.0, False)
+        call.head = call.head.replace(used.line, target.line, 1)
+        call.key = target
+        call.switched_key = True
+        if was_active and self._on_key_failover is not None:
+            self._on_key_failover(used, target, call.op.name)
+        return step
 
     def _gates(self, call: Call, permits: Permits) -> Gates:
         """Read (without taking) the shared state a retry would need."""
@@ -558,6 +632,9 @@ class Forwarder:
             call.outcome = cut
 
     def _refuse(self, call: Call, reason: str) -> None:
+        if reason == "client_token_required":
+            self.respond.client_token_required(call)
+            return
         if reason == "circuit_open":
             breaker = call.op.breaker
             wait = max(

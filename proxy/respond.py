@@ -251,6 +251,19 @@ class Responder:
         self._error(call, status, reason, message, type_, extra)
         call.outcome = reason
 
+    def client_token_required(self, call: Call) -> None:
+        """401: the sidecar holds the Stripe keys and the app did not present its client token."""
+        message = (
+            "Answered by the sidecar, not Stripe: the sidecar holds this app's Stripe keys, so "
+            "use the sidecar's client token (STRIPE_SIDECAR_CLIENT_TOKEN) as the API key."
+        )
+        extra = b"Sidecar-Attempts: 0\r\nSidecar-Outcome: client_token_required\r\n"
+        self._error(
+            call, 401, "client_token_required", message, "invalid_request_error",
+            extra if self._sidecar_headers else b"",
+        )  # fmt: skip
+        call.outcome = "client_token_required"
+
     def shutting_down(self, call: Call) -> None:
         """The shutdown grace ran out on this call: 503 with its Idempotency-Key, or a cut.
 

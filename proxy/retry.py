@@ -173,6 +173,7 @@ class GiveUp(enum.StrEnum):
     BUDGET = "budget"  # the retry budget is spent
     RATE_LIMITED = "rate_limited"  # the limiter would make the retry wait too long
     BREAKER_OPEN = "breaker_open"  # a breaker opened since the attempt started
+    KEYS_EXHAUSTED = "keys_exhausted"  # a 401 after switching keys once already
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +185,8 @@ class Gates:
     breakers_admit: bool = True
     limiter_wait: float = 0.0  # seconds until the limiter lets this operation send
     limiter_max_wait: float = 0.0  # how much longer than the backoff a retry may wait for it
+    # The sidecar holds another key, checked on the same account, to try after a 401.
+    next_key_available: bool = False
 
 
 _OPEN_GATES = Gates()
@@ -197,6 +200,8 @@ class Step(NamedTuple):
     # The final answer tells SDKs not to retry on top (``Stripe-Should-Retry: false``): the
     # sidecar retried, or could have and chose not to.
     settled: bool
+    # The retry goes at once with the next held key (Stripe answered 401 to the active one).
+    switch_key: bool = False
 
 
 def next_step(
@@ -212,6 +217,7 @@ def next_step(
     settings: RetrySettings,
     gates: Gates = _OPEN_GATES,
     rand: Callable[[], float],
+    switched_key: bool = False,
 ) -> Step:
     """Decide what follows attempt number ``attempt`` (1 = the first).
 
@@ -221,9 +227,20 @@ def next_step(
     Checks, in order: the verdict, the request's safety to repeat, attempts and deadline left,
     then the shared gates (client, budget, limiter), the deadline after the backoff, and the
     breakers.
+
+    A 401 while the sidecar holds another good key is retried at once with that key, once per
+    request (``switched_key`` says it was), whatever the method: Stripe performed nothing. That
+    retry takes no budget and may go one attempt past ``max_attempts``.
     """
     if not verdict.retryable:
+        if verdict.outcome is Outcome.AUTHENTICATION and gates.next_key_available:
+            return _key_step(
+                switched_key, body_held and answer_held, gates.client_connected,
+                elapsed < settings.deadline,
+            )  # fmt: skip
         return Step(GiveUp.ANSWERED, 0.0, False)
+    if switched_key:
+        attempt -= 1  # the failover's attempt is one extra
     could = settings.enabled and body_held and (
         has_idempotency_key or method in REPEATABLE_METHODS
     )
@@ -254,6 +271,22 @@ def next_step(
     if not gates.breakers_admit:
         return Step(GiveUp.BREAKER_OPEN, 0.0, True)
     return Step(None, delay, True)
+
+
+_SWITCH_KEY = Step(None, 0.0, True, True)
+
+
+def _key_step(switched: bool, held: bool, connected: bool, in_time: bool) -> Step:
+    """After a 401 with another good key held: switch keys, or why not."""
+    if switched:
+        return Step(GiveUp.KEYS_EXHAUSTED, 0.0, False)  # the next key was rejected too
+    if not held:
+        return Step(GiveUp.BODY_GONE, 0.0, False)
+    if not connected:
+        return Step(GiveUp.CLIENT_GONE, 0.0, False)
+    if not in_time:
+        return Step(GiveUp.DEADLINE, 0.0, False)
+    return _SWITCH_KEY
 
 
 class RetryBudget:

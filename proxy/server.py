@@ -79,6 +79,7 @@ class Request:
     """One request as read at the door; ``head`` holds the header lines to pass upstream."""
 
     __slots__ = (
+        "auth_at",
         "authorization",
         "body",
         "chunked",
@@ -108,6 +109,9 @@ class Request:
         self.http11 = True
         self.idempotency_key: bytes | None = None
         self.authorization: bytes | None = None
+        # Where the Authorization line is in ``head`` (-1: none; -2: several), so a held key
+        # can replace it in place.
+        self.auth_at = -1
 
 
 class BodyStream:
@@ -643,6 +647,7 @@ class ClientConnection(asyncio.Protocol):
                 return  # an empty key is no key: dropped, so the sidecar injects a real one
             req.idempotency_key = value
         elif lname == b"authorization":
+            req.auth_at = len(req.head) if req.authorization is None else -2
             req.authorization = value
         req.head.append(name + b": " + value + b"\r\n")
 

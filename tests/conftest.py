@@ -42,6 +42,8 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
         rand: Any = None,
         observers: Any = None,
         clock: Any = None,
+        secret_keys: Any = None,
+        client_token: Any = None,
         **sections: Any,
     ) -> Sidecar:
         data = _merge(
@@ -53,7 +55,10 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
         )
         extra = {
             k: v
-            for k, v in (("sleep", sleep), ("rand", rand), ("observers", observers), ("clock", clock))
+            for k, v in (
+                ("sleep", sleep), ("rand", rand), ("observers", observers), ("clock", clock),
+                ("secret_keys", secret_keys), ("client_token", client_token),
+            )
             if v is not None
         }
         stream = io.StringIO()

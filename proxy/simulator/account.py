@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Final
 
+from proxy.simulator.auth import ACCOUNT
 from proxy.simulator.call import Call, Outcome
 from proxy.simulator.store import Store
 
-ACCOUNT_ID: Final = "acct_simulator"
+ACCOUNT_ID: Final = ACCOUNT
 
 
 def retrieve(store: Store, call: Call) -> Outcome:
-    """The one account every accepted key belongs to."""
+    """The account the key belongs to (the simulator's own unless a test set another)."""
     return Outcome.ok({
-        "id": ACCOUNT_ID,
+        "id": call.account,
         "object": "account",
         "business_profile": {"name": "Stripe simulator"},
         "charges_enabled": True,

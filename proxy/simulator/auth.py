@@ -10,6 +10,7 @@ from typing import Final
 from proxy.simulator.errors import invalid_api_key, no_api_key, permission_denied
 
 _SECRET_PREFIXES: Final = ("sk_test_", "sk_live_", "rk_test_", "rk_live_")
+ACCOUNT: Final = "acct_simulator"
 
 
 def key_from_header(authorization: str | None) -> str | None:
@@ -35,6 +36,11 @@ class Keys:
     """Which keys the simulated account accepts."""
 
     revoked: set[str] = field(default_factory=set)
+    accounts: dict[str, str] = field(default_factory=dict)  # keys of other accounts than ACCOUNT
+
+    def account_of(self, key: str) -> str:
+        """The account id `key` belongs to (the simulator's own unless set otherwise)."""
+        return self.accounts.get(key, ACCOUNT)
 
     def check(self, key: str | None, *, writes: bool) -> str:
         """Return the usable key, or raise the 401/403 Stripe would answer."""

@@ -25,6 +25,7 @@ class Call:
     livemode: bool
     base_url: str
     request_id: str
+    account: str = "acct_simulator"  # the account the request's key belongs to
 
 
 @dataclass(frozen=True, slots=True)

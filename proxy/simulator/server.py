@@ -137,7 +137,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             key = secret if isinstance(secret, str) else None
         key = sim.keys.check(key, writes=route.writes)
         sim.scenarios.check(route.operation)
-        call = Call(ids, params, livemode(key), f"{request.scheme}://{request.host}", request_id)
+        call = Call(ids, params, livemode(key), f"{request.scheme}://{request.host}", request_id,
+                    sim.keys.account_of(key))
         if idem_key is None:
             if fault == "server_error_saved":
                 raise errors.server_error(should_retry=False)
@@ -328,6 +329,13 @@ async def _control(request: web.Request, sim: SimState) -> web.Response:
                 raise ValueError("key: a non-empty string is required")
             sim.keys.revoked.discard(key)
             return _control_json({"restored": errors.mask_key(key)})
+        if route == ("POST", "/_sim/keys/account"):
+            data = await _json_object(request)
+            key, acct = data.get("key"), data.get("account")
+            if not isinstance(key, str) or not key or not isinstance(acct, str) or not acct:
+                raise ValueError("key, account: non-empty strings are required")
+            sim.keys.accounts[key] = acct
+            return _control_json({"key": errors.mask_key(key), "account": acct})
         if route == ("POST", "/_sim/scenarios/bad_requests"):
             return _control_json(sim.scenarios.set_bad_requests(await _json_object(request)))
         if route == ("GET", "/_sim/scenarios"):

@@ -63,6 +63,7 @@ class SimState:
         self.store.clear()
         self.idempotency.clear()
         self.keys.revoked.clear()
+        self.keys.accounts.clear()
         self.limits = self._limits()
         self.scenarios = Scenarios()
         self.rng.seed(self.seed)

@@ -171,3 +171,46 @@ def test_a_limiter_wait_of_exactly_backoff_plus_max_wait_is_waited_for() -> None
     settings = RetrySettings(max_attempts=4, base_delay=1.0, max_delay=1.0, deadline=20.0)
     gates = Gates(limiter_wait=0.75, limiter_max_wait=0.25)  # backoff 0.5 (jitter 0.5)
     assert decide(settings=settings, gates=gates) == Step(None, 0.75, True)
+
+
+UNAUTHORIZED = classify_response(401, None, None, b'{"error":{"type":"invalid_request_error"}}')
+KEY_HELD = Gates(next_key_available=True)
+
+
+def test_401_with_another_key_held_switches_keys_at_once() -> None:
+    """A 401 with a good key held is retried at once with it, even a POST without a key."""
+    step = decide(UNAUTHORIZED, gates=KEY_HELD, has_idempotency_key=False)
+    assert step == Step(None, 0.0, True, True)
+    assert step.switch_key
+
+
+def test_401_without_another_key_is_the_answer() -> None:
+    """No held key to switch to: the 401 goes to the app as it is."""
+    assert decide(UNAUTHORIZED) == Step(GiveUp.ANSWERED, 0.0, False)
+
+
+def test_key_switch_ignores_attempts_and_budget_but_not_the_deadline() -> None:
+    """The switch is taken past max_attempts and with the budget spent, never past the deadline."""
+    spent = Gates(next_key_available=True, budget_available=False)
+    assert decide(UNAUTHORIZED, gates=spent, attempt=4).switch_key
+    assert decide(UNAUTHORIZED, gates=KEY_HELD, elapsed=20.0) == Step(GiveUp.DEADLINE, 0.0, False)
+
+
+def test_key_switch_happens_once_per_request() -> None:
+    """A second 401 after switching keys is final (keys_exhausted)."""
+    step = decide(UNAUTHORIZED, gates=KEY_HELD, attempt=2, switched_key=True)
+    assert step == Step(GiveUp.KEYS_EXHAUSTED, 0.0, False)
+
+
+def test_key_switch_needs_the_body_and_the_client() -> None:
+    """A streamed body or a client gone ends the request with the 401."""
+    assert decide(UNAUTHORIZED, gates=KEY_HELD, body_held=False).give_up is GiveUp.BODY_GONE
+    gone = Gates(next_key_available=True, client_connected=False)
+    assert decide(UNAUTHORIZED, gates=gone).give_up is GiveUp.CLIENT_GONE
+
+
+def test_attempt_after_a_key_switch_is_one_extra() -> None:
+    """After a switch the request still has max_attempts for other failures (one extra)."""
+    assert decide(GATEWAY, attempt=4, switched_key=True).give_up is None
+    assert decide(GATEWAY, attempt=5, switched_key=True).give_up is GiveUp.ATTEMPTS
+    assert decide(GATEWAY, attempt=4).give_up is GiveUp.ATTEMPTS
