@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the third phase (an app past the account's rate limit; about 9 s)",
     )
+    demo.add_argument(
+        "--skip-key-failover",
+        action="store_true",
+        help="skip the fourth phase (the primary API key revoked mid-run; about 3 s)",
+    )
     return p
 
 
@@ -166,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     seed=args.seed,
                     outage=not args.skip_outage,
                     rate_limit=not args.skip_rate_limit,
+                    key_failover=not args.skip_key_failover,
                 )
             )
     except ConfigError as exc:

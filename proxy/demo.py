@@ -1059,8 +1059,10 @@ async def rate_limit_push(plan: RateLimitPlan = RateLimitPlan(), *,
 
 
 async def run_demo(*, requests: int = 600, concurrency: int = 20, profile: str = "bad_day",
-                   seed: int = 7, outage: bool = True, rate_limit: bool = True) -> int:
-    """Run the comparison, then the outage and rate-limit phases (each can be left out).
+                   seed: int = 7, outage: bool = True, rate_limit: bool = True,
+                   key_failover: bool = True) -> int:
+    """Run the comparison, then the outage, rate-limit and key-failover phases (each can be
+    left out).
 
     Everything is printed on stdout; returns the exit status.
 
@@ -1091,5 +1093,18 @@ async def run_demo(*, requests: int = 600, concurrency: int = 20, profile: str =
     if rate_limit:
         limits = await rate_limit_push(progress=progress)
         sys.stdout.write("\n" + render_rate_limit(limits))
+        sys.stdout.flush()
+    if key_failover:
+        from proxy.demo_keys import (
+            KeyPhasePlan,
+            key_failover_phase,
+            key_phase_intro,
+            render_key_phase,
+        )
+
+        plan = KeyPhasePlan()
+        sys.stdout.write("\n" + key_phase_intro(plan))
+        keys = await key_failover_phase(plan, out=sys.stdout)
+        sys.stdout.write("\n" + render_key_phase(keys))
         sys.stdout.flush()
     return 0

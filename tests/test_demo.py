@@ -38,6 +38,7 @@ from proxy.demo import (
     summarize_limit,
     summarize_outage,
 )
+from proxy.demo_keys import KeyPhasePlan, KeyPhaseReport, key_failover_phase, render_key_phase
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = (
@@ -249,7 +250,7 @@ async def test_demo_prints_the_table_with_consistent_numbers(
 ) -> None:
     """run_demo prints every row; each column adds up and the sidecar charges nobody twice."""
     status = await run_demo(requests=120, concurrency=10, profile="bad_day", seed=7, outage=False,
-                            rate_limit=False)
+                            rate_limit=False, key_failover=False)
     out, err = capsys.readouterr()
     assert status == 0
     rows = table(out)
@@ -330,7 +331,8 @@ async def test_run_demo_prints_the_outage_phase_and_exits_zero_on_a_miss(
         return missed
 
     monkeypatch.setattr(proxy.demo, "outage_drill", drill)
-    status = await run_demo(requests=20, concurrency=5, profile="none", seed=7, rate_limit=False)
+    status = await run_demo(requests=20, concurrency=5, profile="none", seed=7, rate_limit=False,
+                            key_failover=False)
     out = capsys.readouterr().out
     assert status == 0
     assert out.index("through sidecar") < out.index("Outage:")
@@ -346,7 +348,8 @@ async def test_bad_arguments_are_reported_not_raised(capsys: pytest.CaptureFixtu
 
 
 def test_cli_demo_exits_zero() -> None:
-    """`python -m proxy demo --requests 40 --skip-outage --skip-rate-limit` prints the table only."""
+    """`python -m proxy demo --requests 40 --skip-outage --skip-rate-limit` prints the table
+    and the key-failover phase, with no app-visible failure in it."""
     done = subprocess.run(
         [sys.executable, "-m", "proxy", "demo", "--requests", "40", "--skip-outage",
          "--skip-rate-limit"],
@@ -361,6 +364,30 @@ def test_cli_demo_exits_zero() -> None:
     assert "Traceback" not in done.stderr
     assert "Outage:" not in done.stdout
     assert "Rate limit:" not in done.stdout
+    assert "action key_failover [ok]" in done.stdout
+    assert "diagnosis raised: auth_failure (critical)" in done.stdout
+    assert re.search(r"failed \(target 0\)\s+0  ok", done.stdout)
+
+
+async def test_key_failover_phase_shows_the_failover_with_no_app_failure() -> None:
+    """Primary key revoked mid-run: 0 failed app requests; failover and auth_failure printed live."""
+    out = io.StringIO()
+    report = await key_failover_phase(KeyPhasePlan(healthy=0.3, after=0.7), out=out)
+    assert report.statuses and report.failed == 0
+    assert report.switched >= 1 and report.key_in_use == "…c3d4"
+    live = out.getvalue()
+    assert live.index("is revoked") < live.index("action key_failover [ok]")
+    assert "diagnosis raised: auth_failure (critical)" in live
+    assert "sk_test_demo" not in live
+
+
+def test_key_phase_table_marks_a_failure_missed() -> None:
+    """The table counts non-2xx answers as failed and marks the zero target missed."""
+    report = KeyPhaseReport(KeyPhasePlan(), statuses=[200, 200, 401], switched=1,
+                            key_in_use="…c3d4", seconds=3.0)
+    text = render_key_phase(report)
+    assert re.search(r"failed \(target 0\)\s+1  MISSED", text)
+    assert re.search(r"app requests\s+3", text) and "…c3d4" in text
 
 
 def test_rate_limit_summary_counts_against_the_books() -> None:

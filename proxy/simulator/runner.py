@@ -36,6 +36,10 @@ class SimulatorHandle:
         """Switch the fault profile; a `seed` restarts the fault sequence."""
         self._state.set_profile(profile, seed=seed)
 
+    def revoke_key(self, key: str) -> None:
+        """Make ``key`` fail with 401 from now on (like `POST /_sim/keys/revoke`)."""
+        self._state.keys.revoke(key)
+
     def reset(self) -> None:
         """Clear books, objects and idempotency keys (like `POST /_sim/reset`)."""
         self._state.reset()
