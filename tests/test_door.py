@@ -153,6 +153,32 @@ async def test_secrets_never_reach_logs_metrics_or_errors(raw_upstream, make_sid
     assert "cus_1" not in logs  # raw IDs never become labels or log fields
 
 
+async def test_held_keys_never_reach_logs_metrics_or_errors(raw_upstream, make_sidecar):
+    """Keys the sidecar holds appear in no log line, metric or sidecar error, with a client token
+    refused, an upstream that drops every call (key checks included) and an app key sent."""
+    held = ("sk_test_51HeldPrimaryKeyValue", "sk_test_51HeldSecondKeyValue")
+    token = "client-token-0123456789abcdef"
+    up = await raw_upstream(lambda r: None)  # drop: forces sidecar-made errors
+    sc = await make_sidecar(up.url, retry={"base_delay": 0.001, "max_delay": 0.002},
+                            secret_keys=list(held), client_token=token)
+    for auth in (b"Bearer " + token.encode(), b"Bearer sk_test_wrong", b"Basic " + token.encode()):
+        answers, _ = await exchange(
+            sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth + b"\r\n\r\n"
+        )
+        assert answers[0].status in (401, 502)
+        for key in held:
+            assert key.encode() not in answers[0].body
+            assert all(key.encode() not in v for _, v in answers[0].headers)
+    metrics, _ = await exchange(sc.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    diagnosis, _ = await exchange(sc.port, b"GET /diagnosis HTTP/1.1\r\nHost: x\r\n\r\n")
+    sc.log.flush()
+    logs = sc.log._stream.getvalue()
+    assert '"event":"request"' in logs and '"event":"key_check_failed"' in logs
+    for key in held:
+        for text in (metrics[0].body.decode(), diagnosis[0].body.decode(), logs):
+            assert key not in text and key[8:] not in text and key[-8:] not in text
+
+
 async def test_keys_quoted_back_in_errors_and_logs_are_redacted(raw_upstream, make_sidecar):
     """A key the client put in a path is masked in the sidecar's error body, its metrics and its
     logs; Bearer/Basic values in a logged error too (fails with redaction turned off)."""

@@ -253,3 +253,15 @@ def test_keys_file_env_name_is_documented() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in ("STRIPE_SIDECAR_SECRET_KEYS", "STRIPE_SIDECAR_CLIENT_TOKEN", "keys.file"):
         assert name in readme
+
+
+def test_keys_and_healing_sections_report_key_paths() -> None:
+    """Bad keys/healing values and unknown keys are named by their key paths, all at once."""
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(
+            {"keys": {"poll_interval": 0, "fiel": "x"}, "healing": {"tighten_factor": 1.5}}
+        )
+    problems = "\n".join(caught.value.problems)
+    assert "keys.poll_interval: 0 is not a positive number" in problems
+    assert "unknown key: keys.fiel (did you mean file?)" in problems
+    assert "healing.tighten_factor: 1.5 is not a ratio in (0, 1]" in problems
