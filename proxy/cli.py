@@ -43,7 +43,8 @@ def _add_doctor(sub: Any) -> None:
         "--key",
         action="append",
         default=[],
-        help="a Stripe secret key to check (repeatable; default: STRIPE_SIDECAR_SECRET_KEYS)",
+        help="a Stripe secret key to check (repeatable; default: STRIPE_SIDECAR_SECRET_KEYS, "
+        "else the config's keys.file)",
     )
     doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per step")
 
@@ -92,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_doctor(sub)
 
+    _add_demo(sub)
+    return p
+
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help="show the sidecar against the simulator's faults")
     demo.add_argument("--requests", type=int, default=600, help="payments per run")
     demo.add_argument("--concurrency", type=int, default=20)
@@ -112,7 +118,6 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the fourth phase (the primary API key revoked mid-run; about 3 s)",
     )
-    return p
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -128,6 +133,10 @@ def _doctor(args: argparse.Namespace) -> int:
     keys = args.key or [
         k.strip() for k in os.environ.get("STRIPE_SIDECAR_SECRET_KEYS", "").split(",") if k.strip()
     ]
+    if not keys and config.keys.file is not None:
+        from proxy.keycheck import read_keys_file
+
+        keys = read_keys_file(config.keys.file)
     return _run(doctor(upstream, keys, ca_file=config.upstream.ca_file, timeout=args.timeout))
 
 

@@ -226,18 +226,11 @@ def next_step(
     (not handed over for streaming); ``retry_after`` is Stripe's ``Retry-After`` in seconds.
     Checks, in order: the verdict, the request's safety to repeat, attempts and deadline left,
     then the shared gates (client, budget, limiter), the deadline after the backoff, and the
-    breakers.
-
-    A 401 while the sidecar holds another good key is retried at once with that key, once per
-    request (``switched_key`` says it was), whatever the method: Stripe performed nothing. That
-    retry takes no budget and may go one attempt past ``max_attempts``.
+    breakers. A 401 with another good key held goes again at once with it (:func:`_key_step`).
     """
     if not verdict.retryable:
         if verdict.outcome is Outcome.AUTHENTICATION and gates.next_key_available:
-            return _key_step(
-                switched_key, body_held and answer_held, gates.client_connected,
-                elapsed < settings.deadline,
-            )  # fmt: skip
+            return _key_step(switched_key, body_held and answer_held, gates, elapsed, settings)
         return Step(GiveUp.ANSWERED, 0.0, False)
     if switched_key:
         attempt -= 1  # the failover's attempt is one extra
@@ -276,15 +269,22 @@ def next_step(
 _SWITCH_KEY = Step(None, 0.0, True, True)
 
 
-def _key_step(switched: bool, held: bool, connected: bool, in_time: bool) -> Step:
-    """After a 401 with another good key held: switch keys, or why not."""
+def _key_step(
+    switched: bool, held: bool, gates: Gates, elapsed: float, settings: RetrySettings
+) -> Step:
+    """After a 401 with another good key held: switch keys at once, or why not.
+
+    Stripe performed nothing on a 401, so any method may go again, once per request
+    (``switched``: it did already); the switch takes no budget and its attempt is one extra
+    beyond ``max_attempts`` (``next_step`` counts one fewer after it).
+    """
     if switched:
         return Step(GiveUp.KEYS_EXHAUSTED, 0.0, False)  # the next key was rejected too
     if not held:
         return Step(GiveUp.BODY_GONE, 0.0, False)
-    if not connected:
+    if not gates.client_connected:
         return Step(GiveUp.CLIENT_GONE, 0.0, False)
-    if not in_time:
+    if elapsed >= settings.deadline:
         return Step(GiveUp.DEADLINE, 0.0, False)
     return _SWITCH_KEY
 

@@ -265,3 +265,20 @@ def test_keys_and_healing_sections_report_key_paths() -> None:
     assert "keys.poll_interval: 0 is not a positive number" in problems
     assert "unknown key: keys.fiel (did you mean file?)" in problems
     assert "healing.tighten_factor: 1.5 is not a ratio in (0, 1]" in problems
+
+
+def test_doctor_checks_the_keys_file_when_no_key_is_given(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`doctor --config` with keys.file names each held key (masked) when no key is given."""
+    from proxy.cli import main
+
+    monkeypatch.delenv("STRIPE_SIDECAR_SECRET_KEYS", raising=False)
+    (tmp_path / "keys").write_text(f"{PRIMARY}\n{SECOND}\n")
+    (tmp_path / "sidecar.yaml").write_text(f"keys: {{file: {tmp_path / 'keys'}}}\n")
+    with socket_port() as port:
+        status = main(["doctor", "--config", str(tmp_path / "sidecar.yaml"),
+                       "--upstream", f"http://127.0.0.1:{port}", "--timeout", "2"])
+    out = capsys.readouterr().out
+    assert status == 1 and "key …pppp" in out and "key …ssss" in out
+    assert PRIMARY not in out and SECOND not in out
