@@ -9,7 +9,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
@@ -30,7 +30,7 @@ from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.observers import AccessLog, MetricsRecorder
 from proxy.records import Observer
 from proxy.replies import reason_phrase
-from proxy.server import ClientConnection, Request, Server, ShutdownReport
+from proxy.server import Request, Server, ShutdownReport
 from proxy.status import DiagnosisSurfaces, status_page
 
 __all__ = ["EXIT_UNFINISHED", "Sidecar", "serve"]
@@ -124,6 +124,7 @@ class Sidecar:
         plan = self._plan_fds()
         self.server = Server(
             self,
+            self.forwarder.forward,
             max_header_bytes=s.max_header_bytes,
             max_body_bytes=s.max_body_bytes,
             max_buffered_body=self.config.retry.max_replay_body,
@@ -138,7 +139,6 @@ class Sidecar:
             write_timeout=s.write_timeout,
             deadlines=self.deadlines,
         )
-        self.server.forward = self.forwarder.forward  # skip this class's indirection per request
         host, port = parse_listen(s.listen)
         self.port = await self.server.start(host, port)
         self.started_at = self._clock()
@@ -248,11 +248,6 @@ class Sidecar:
         return report.clean
 
     # -- Handler protocol (used by proxy.server) -------------------------------------------
-    def forward(self, request: Request, conn: ClientConnection) -> Coroutine[Any, Any, None]:
-        """Hand a Stripe API request to the pipeline."""
-        assert self.forwarder is not None
-        return self.forwarder.forward(request, conn)
-
     def operator(self, request: Request, path: str) -> bytes | Awaitable[bytes] | None:
         """Answer /health, /ready, /metrics, /diagnosis and /status (HEAD: the head alone).
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 
 from proxy.deadlines import Deadlines
 
@@ -31,9 +30,9 @@ class Bulkhead:
     """Global and per-compartment limits on concurrent upstream requests."""
 
     def __init__(
-        self, max_in_flight: int, max_wait: float, deadlines: Deadlines | None = None
+        self, max_in_flight: int, max_wait: float, deadlines: Deadlines
     ) -> None:
-        self._deadlines = deadlines if deadlines is not None else Deadlines(time.monotonic, 0.05)
+        self._deadlines = deadlines  # times waits for a slot: the sidecar's one sweeper
         self.limit = max_in_flight
         self.in_flight = 0
         self.max_wait = max_wait

@@ -207,7 +207,7 @@ class Forwarder:
         wall: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        deadlines: Deadlines | None = None,
+        deadlines: Deadlines,
         keys: KeySet | None = None,
         on_key_failover: Callable[[HeldKey, HeldKey, str], None] | None = None,
     ) -> None:
@@ -217,7 +217,7 @@ class Forwarder:
         self._on_key_failover = on_key_failover
         self.metrics = metrics
         # Attempt, stream and connect time-outs: the sidecar's one sweeper, on ``clock``.
-        self.deadlines = deadlines if deadlines is not None else Deadlines(clock, 0.1)
+        self.deadlines = deadlines
         self.log = logger
         self._observers = tuple(observers)
         self._clock = clock

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -188,12 +187,11 @@ class BodyStream:
         return chunk
 
 
-class Handler(Protocol):
-    """What the server hands complete requests to."""
+Forward = Callable[["Request", "ClientConnection"], Coroutine[Any, Any, None]]
 
-    def forward(self, request: Request, conn: ClientConnection) -> Coroutine[Any, Any, None]:
-        """Send a Stripe API request upstream and answer the client."""
-        ...
+
+class Handler(Protocol):
+    """Answers the operator endpoints (Stripe API requests go to the ``forward`` callable)."""
 
     def operator(self, request: Request, path: str) -> bytes | Awaitable[bytes] | None:
         """Answer an operator endpoint (``/health``...), now or later, or None if not one."""
@@ -240,6 +238,7 @@ class Server:
     def __init__(
         self,
         handler: Handler,
+        forward: Forward,
         *,
         max_header_bytes: int,
         max_body_bytes: int,
@@ -253,18 +252,15 @@ class Server:
         max_connections: int = 1 << 30,
         overflow: int = 64,
         on_overload: Callable[[], None] | None = None,
-        deadlines: Deadlines | None = None,
+        deadlines: Deadlines,
     ) -> None:
         self.handler = handler
         # Head, body, idle and linger deadlines are on the sidecar's one clock and sweeper.
-        self.deadlines = deadlines if deadlines is not None else Deadlines(time.monotonic, 0.1)
+        self.deadlines = deadlines
         self.clock = self.deadlines.clock
         self.connections: set[ClientConnection] = set()
         self.deadlines.watch(self.connections)
-        # Resolved once: called for every request.
-        self.forward: Callable[[Request, ClientConnection], Coroutine[Any, Any, None]] = (
-            handler.forward
-        )
+        self.forward = forward  # the pipeline: called once per Stripe API request
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.max_buffered_body = max_buffered_body
@@ -984,5 +980,3 @@ def _upgrade_refused() -> tuple[bytes, int]:
     )
     return answer, 400
 
-
-Forward = Callable[[Request, ClientConnection], Awaitable[None]]

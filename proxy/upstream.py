@@ -21,7 +21,6 @@ import math
 import re
 import socket
 import ssl
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
@@ -127,7 +126,6 @@ class Response:
         "rate_limited_reason",
         "reason",
         "request_id",
-        "resent",
         "retry_after",
         "should_retry",
         "status",
@@ -148,7 +146,6 @@ class Response:
         self.idempotency_key: bytes | None = None
         self.conn: Connection | None = None
         self.failed = False
-        self.resent = False  # sent a second time after a stale pooled connection broke
 
     def body_bytes(self) -> bytes:
         """The whole buffered body (only meaningful when ``complete``)."""
@@ -711,7 +708,7 @@ class Pool:
         max_headers: int = 100,
         stall_timeout: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
-        deadlines: Deadlines | None = None,
+        deadlines: Deadlines,
     ) -> None:
         self.origin = origin
         self.loop = asyncio.get_running_loop()
@@ -727,13 +724,12 @@ class Pool:
         self._create_connection = self.loop.create_connection
         # Attempt, stream and connect deadlines are swept by the sidecar's one Deadlines, on its
         # injected clock (pool idle times are read from the same clock).
-        self.deadlines = deadlines if deadlines is not None else Deadlines(time.monotonic, 0.1)
+        self.deadlines = deadlines
         self.clock = self.deadlines.clock
         self._idle: collections.deque[Connection] = collections.deque()
         self._ssl: ssl.SSLContext | None = None
         if origin.scheme == "https":
             self._ssl = ssl_context or ssl.create_default_context()
-        self.opened = 0
 
     async def acquire(self) -> Connection:
         """A live idle connection (most recently used first), or a new one."""
@@ -791,7 +787,6 @@ class Pool:
             ) from None
         finally:
             self.deadlines.disarm(timer)
-        self.opened += 1
         return proto
 
     def release(self, conn: Connection) -> None:

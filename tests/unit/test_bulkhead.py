@@ -18,7 +18,7 @@ def test_compartment_starts_empty_with_its_limit() -> None:
 
 def test_try_enter_takes_slots_up_to_the_global_limit() -> None:
     """try_enter admits up to max_in_flight across compartments, counting both levels."""
-    bulkhead = Bulkhead(2, 1.0)
+    bulkhead = Bulkhead(2, 1.0, Deadlines(FakeClock(), 0.05))
     a, b = Compartment(5), Compartment(5)
     assert (bulkhead.limit, bulkhead.in_flight, bulkhead.max_wait) == (2, 0, 1.0)
     assert [bulkhead.try_enter(a), bulkhead.try_enter(b), bulkhead.try_enter(a)] == [True, True, False]
@@ -27,7 +27,7 @@ def test_try_enter_takes_slots_up_to_the_global_limit() -> None:
 
 def test_try_enter_respects_the_compartment_limit() -> None:
     """A full compartment refuses while the global bound still has room."""
-    bulkhead = Bulkhead(10, 1.0)
+    bulkhead = Bulkhead(10, 1.0, Deadlines(FakeClock(), 0.05))
     a, b = Compartment(1), Compartment(1)
     assert [bulkhead.try_enter(a), bulkhead.try_enter(a), bulkhead.try_enter(b)] == [True, False, True]
     assert (bulkhead.in_flight, a.in_flight, b.in_flight) == (2, 1, 1)
@@ -35,7 +35,7 @@ def test_try_enter_respects_the_compartment_limit() -> None:
 
 def test_leave_gives_the_slot_back() -> None:
     """leave() frees one slot at both levels."""
-    bulkhead = Bulkhead(1, 1.0)
+    bulkhead = Bulkhead(1, 1.0, Deadlines(FakeClock(), 0.05))
     a = Compartment(1)
     assert bulkhead.try_enter(a)
     bulkhead.leave(a)
@@ -45,7 +45,7 @@ def test_leave_gives_the_slot_back() -> None:
 
 async def test_enter_without_wait_refuses_at_once() -> None:
     """With max_wait 0 a full bulkhead refuses immediately and queues nothing."""
-    bulkhead = Bulkhead(1, 0.0)
+    bulkhead = Bulkhead(1, 0.0, Deadlines(FakeClock(), 0.05))
     a = Compartment(1)
     assert await bulkhead.enter(a)
     assert not await bulkhead.enter(a)
@@ -55,7 +55,7 @@ async def test_enter_without_wait_refuses_at_once() -> None:
 
 async def test_a_waiter_gets_the_slot_handed_over() -> None:
     """A request waiting in enter() takes the slot the moment another leaves; counts stay exact."""
-    bulkhead = Bulkhead(1, 30.0)
+    bulkhead = Bulkhead(1, 30.0, Deadlines(FakeClock(), 0.05))
     a = Compartment(2)
     assert await bulkhead.enter(a)
     waiting = asyncio.create_task(bulkhead.enter(a))
@@ -68,7 +68,7 @@ async def test_a_waiter_gets_the_slot_handed_over() -> None:
 
 async def test_waiters_are_served_first_come_first_served() -> None:
     """Two waiters get freed slots in the order they came; a newcomer does not jump the queue."""
-    bulkhead = Bulkhead(1, 30.0)
+    bulkhead = Bulkhead(1, 30.0, Deadlines(FakeClock(), 0.05))
     a = Compartment(5)
     assert bulkhead.try_enter(a)
     order: list[str] = []
@@ -92,7 +92,7 @@ async def test_waiters_are_served_first_come_first_served() -> None:
 async def test_a_waiter_for_a_full_compartment_does_not_block_others() -> None:
     """A request queued for its own full compartment neither takes a freed slot nor holds up
     another operation's try_enter."""
-    bulkhead = Bulkhead(3, 30.0)
+    bulkhead = Bulkhead(3, 30.0, Deadlines(FakeClock(), 0.05))
     full, other = Compartment(1), Compartment(5)
     assert bulkhead.try_enter(full)
     assert bulkhead.try_enter(other)
@@ -130,7 +130,7 @@ async def test_wait_that_times_out_refuses_and_leaves_the_queue() -> None:
 
 async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     """A request cancelled while waiting is removed, so it never receives a slot."""
-    bulkhead = Bulkhead(1, 30.0)
+    bulkhead = Bulkhead(1, 30.0, Deadlines(FakeClock(), 0.05))
     a = Compartment(1)
     assert bulkhead.try_enter(a)
     waiting = asyncio.create_task(bulkhead.enter(a))
@@ -145,7 +145,7 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
 
 async def test_a_short_max_wait_still_waits_for_a_slot() -> None:
     """With max_wait under a second (the default is 1 s) a waiter is still served, not refused."""
-    bulkhead = Bulkhead(1, 0.5)
+    bulkhead = Bulkhead(1, 0.5, Deadlines(FakeClock(), 0.05))
     a = Compartment(1)
     assert bulkhead.try_enter(a)
     waiting = asyncio.create_task(bulkhead.enter(a))
@@ -156,7 +156,7 @@ async def test_a_short_max_wait_still_waits_for_a_slot() -> None:
 
 async def test_hand_over_adds_to_the_waiters_compartment_count() -> None:
     """A slot freed by one operation and handed to another adds one to that one's count."""
-    bulkhead = Bulkhead(3, 30.0)
+    bulkhead = Bulkhead(3, 30.0, Deadlines(FakeClock(), 0.05))
     a, b = Compartment(5), Compartment(5)
     assert bulkhead.try_enter(a) and bulkhead.try_enter(a) and bulkhead.try_enter(b)
     waiting = asyncio.create_task(bulkhead.enter(a))
@@ -168,7 +168,7 @@ async def test_hand_over_adds_to_the_waiters_compartment_count() -> None:
 
 async def test_a_waiter_cancelled_as_it_is_handed_a_slot_gives_it_back() -> None:
     """A slot handed to a waiter that is cancelled before it resumes goes back to the bulkhead."""
-    bulkhead = Bulkhead(1, 30.0)
+    bulkhead = Bulkhead(1, 30.0, Deadlines(FakeClock(), 0.05))
     a = Compartment(1)
     assert bulkhead.try_enter(a)
     waiting = asyncio.create_task(bulkhead.enter(a))
