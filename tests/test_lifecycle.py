@@ -121,7 +121,7 @@ async def _in_flight(port: int) -> float:
 async def test_sigterm_drains_then_answers_held_requests_503_with_their_keys(tmp_path):
     """SIGTERM: /ready 503 at once, new requests served during the drain, listener closed after it, requests held at the grace end get 503 sidecar_shutting_down with their Idempotency-Key, exit status 3."""
     async with start_simulator(profile=FaultProfile(work_seconds=60.0)) as sim:  # writes hang
-        sc = Sidecar(tmp_path, sim.url, {"drain_period": 3.0, "shutdown_grace": 5.0})
+        sc = Sidecar(tmp_path, sim.url, {"drain_period": 2.0, "shutdown_grace": 3.0})
         try:
             await sc.started()
             own = asyncio.create_task(exchange(sc.port, _create_customer(b"app-key-1"), timeout=30, check_closed=True))

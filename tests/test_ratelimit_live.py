@@ -45,11 +45,3 @@ async def test_account_limit_is_found_and_used_through_the_sidecar(make_sidecar)
     assert set(refused) <= {"sidecar_rate_limited", "rate_limit"}
 
 
-async def test_account_limit_directly_limits_two_thirds(make_sidecar):
-    """The same load straight at the simulator for 4 s: well over half of it is rate limited (the contrast)."""
-    async with start_simulator(profile=FaultProfile(account_rate=50.0)) as sim:
-        run = await offer(sim.url, 150.0, 4.0, mark=sim.books)
-        end = sim.books()
-    limited, reached = _share_limited(run.marks[1], end)  # type: ignore[arg-type]
-    assert limited / reached >= 0.55, (limited, reached)
-    assert sum(r.status == 429 for r in run.results) == sum(end["rate_limited"].values())

@@ -91,10 +91,11 @@ async def test_a_body_that_stops_gets_408_at_body_timeout_and_is_never_forwarded
 
 
 def never(release: asyncio.Event):
-    """An upstream answer held until ``release`` is set (then nothing is written)."""
+    """An upstream answer held until ``release`` is set, then the connection is dropped."""
 
     async def hold(transport: asyncio.Transport) -> None:
         await release.wait()
+        transport.abort()
 
     return hold
 

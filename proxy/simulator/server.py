@@ -103,19 +103,9 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     found = match(method, path)
     sim.books.record_request(found[0].operation if found else f"{method} unrecognized")
     profile = sim.profile
-    if profile.outage:
-        sim.books.record_fault("outage")
-        return _html(503)
-    if sim.limits.enabled:
-        limited = _rate_limit(request, sim, found[0].operation if found else None)
-        if limited is not None:
-            return limited
-    fault = sim.draw_fault()
-    if fault is not None:
-        sim.books.record_fault(fault)
-        if fault in EDGE_FAULTS:
-            return _edge_fault(request, sim, fault)
-
+    early, fault = _before_executing(request, sim, found[0].operation if found else None)
+    if early is not None:
+        return early
     request_id = sim.store.new_id("req")
     headers = {"Request-Id": request_id}
     version = request.headers.get("Stripe-Version")
@@ -158,6 +148,28 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if fault == "drop_after":
         return _abort(request)
     return response
+
+
+def _before_executing(
+    request: web.Request, sim: SimState, operation: str | None
+) -> tuple[web.StreamResponse | None, FaultKind | None]:
+    """What happens before Stripe looks at a request: an outage, a rate limit, a drawn fault.
+
+    Returns the answer that ends the request here (or None) and the fault drawn for it.
+    """
+    if sim.profile.outage:
+        sim.books.record_fault("outage")
+        return _html(503), None
+    if sim.limits.enabled:
+        limited = _rate_limit(request, sim, operation)
+        if limited is not None:
+            return limited, None
+    fault = sim.draw_fault()
+    if fault is not None:
+        sim.books.record_fault(fault)
+        if fault in EDGE_FAULTS:
+            return _edge_fault(request, sim, fault), fault
+    return None, fault
 
 
 def _rate_limit(request: web.Request, sim: SimState, operation: str | None) -> web.Response | None:
