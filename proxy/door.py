@@ -30,6 +30,9 @@ _PERCENT_U = re.compile(rb"%u[0-9a-f]{4}", re.IGNORECASE)
 # How many rounds of percent-decoding are inspected: a backend that decodes twice (%252e) is
 # covered; a target still changing after that is refused outright.
 _DECODE_ROUNDS = 3
+# Padding around a segment that some servers trim (Java's String.trim() drops every byte up to
+# and including space): "%0b.." must not hide a "..".
+_PADDING = bytes(range(0x21))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +133,7 @@ def _has_dot_segment(raw: bytes) -> bool:
         return False
     for segment in raw.split(b"/"):
         # Path parameters (Tomcat's "..;jsessionid") and padding do not hide a dot segment.
-        bare = segment.split(b";", 1)[0].strip(b" \t")
+        bare = segment.split(b";", 1)[0].strip(_PADDING)
         if bare and not bare.strip(b"."):
             return True
     return False
