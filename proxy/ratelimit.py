@@ -339,6 +339,8 @@ class RateLimiter:
             s.limiting = s.ceiling is not None
             s.rate = s.ceiling if s.ceiling is not None else _INF
             s.burst = s.ceiling_burst
+            if s.tokens > s.burst:  # a ceiling's own burst applies again at once
+                s.tokens = s.burst
             return
         self._set_rate(s, cubic.value(now, self._c))
 
@@ -427,8 +429,7 @@ class RateLimiter:
         if cubic.active:
             self._sync_bound(s, now)
             base = min(base, s.bound)
-        cubic.cut(base, now, self._beta, self._c)
-        s.bound = max(1.0, base * self._beta)
+        cubic.cut(base, now, self._beta, self._c)  # the bound follows in _sync_bound
         cubic.hold_until = now + self.settings.decrease_interval
 
     # -- Stripe's answers ------------------------------------------------------------------
