@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 import pytest
 from fakeclock import FakeClock
 
@@ -79,3 +82,73 @@ def test_watched_members_expire_by_their_own_deadline_while_in_the_group() -> No
     assert deadlines.sweep() == 1
     assert stays.expired_at == [clock()] and leaves.expired_at == [] and idle.expired_at == []
     assert stays in group  # watching never removes members: they set their next deadline
+
+
+class FakeHandle:
+    """A timer handle that notes its cancellation."""
+
+    def __init__(self, delay: float, callback: Callable[[], None]) -> None:
+        self.delay = delay
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeLoop:
+    """The one loop method the sweeper uses, recording each timer instead of waiting."""
+
+    def __init__(self) -> None:
+        self.timers: list[FakeHandle] = []
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeHandle:
+        handle = FakeHandle(delay, callback)
+        self.timers.append(handle)
+        return handle
+
+
+def test_started_sweeper_sweeps_every_resolution_until_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """start() schedules a sweep after `resolution`; each sweep schedules the next; stop() cancels it."""
+    loop = FakeLoop()
+    monkeypatch.setattr(asyncio, "get_running_loop", lambda: loop)
+    clock = FakeClock()
+    deadlines = Deadlines(clock, 0.25)
+    deadlines.stop()  # stopping a sweeper that never started is harmless
+    item = Item(clock)
+    deadlines.arm(item, 0.2)
+    deadlines.start()
+    assert [(t.delay, t.cancelled) for t in loop.timers] == [(0.25, False)]
+    clock.advance(0.25)
+    loop.timers[0].callback()
+    assert item.expired_at == [clock()]
+    assert [(t.delay, t.cancelled) for t in loop.timers] == [(0.25, False), (0.25, False)]
+    loop.timers[1].callback()
+    assert len(loop.timers) == 3
+    deadlines.stop()
+    deadlines.stop()
+    assert [t.cancelled for t in loop.timers] == [False, False, True]
+
+
+def test_sweep_counts_armed_and_watched_items_together() -> None:
+    """One sweep expires due armed items and due group members alike and counts them all."""
+    clock = FakeClock(0.5)
+    deadlines = Deadlines(clock, 0.1)
+    armed, member, idle = Item(clock), Item(clock), Item(clock)
+    group = {member, idle}
+    deadlines.watch(group)
+    deadlines.arm(armed, 0.1)
+    member.deadline = 0.75  # a deadline below 1.0 is still a deadline
+    clock.advance(0.5)
+    assert deadlines.sweep() == 2
+    assert armed.expired_at == [1.0] and member.expired_at == [1.0] and idle.expired_at == []
+
+
+def test_disarmed_item_is_no_longer_counted() -> None:
+    """Disarming forgets the item, so it no longer counts as armed."""
+    clock = FakeClock()
+    deadlines = Deadlines(clock, 0.1)
+    item = Item(clock)
+    deadlines.arm(item, 1.0)
+    deadlines.disarm(item)
+    assert len(deadlines) == 0

@@ -203,10 +203,10 @@ def test_key_switch_happens_once_per_request() -> None:
 
 
 def test_key_switch_needs_the_body_and_the_client() -> None:
-    """A streamed body or a client gone ends the request with the 401."""
-    assert decide(UNAUTHORIZED, gates=KEY_HELD, body_held=False).give_up is GiveUp.BODY_GONE
+    """A streamed body or a client gone ends the request with the 401, unsettled (nothing was retried)."""
+    assert decide(UNAUTHORIZED, gates=KEY_HELD, body_held=False) == Step(GiveUp.BODY_GONE, 0.0, False)
     gone = Gates(next_key_available=True, client_connected=False)
-    assert decide(UNAUTHORIZED, gates=gone).give_up is GiveUp.CLIENT_GONE
+    assert decide(UNAUTHORIZED, gates=gone) == Step(GiveUp.CLIENT_GONE, 0.0, False)
 
 
 def test_attempt_after_a_key_switch_is_one_extra() -> None:
