@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 # The status page is tested in a real headless Chromium (Debian's package; CI runs as root).
 test: lint tests/node/node_modules/.package-lock.json
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
-	$(BIN)/python -m pytest -q -n 2 --random-order-bucket=global
+	$(BIN)/python -m pytest -q -n 4 --dist worksteal --random-order-bucket=global
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests

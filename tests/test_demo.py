@@ -348,11 +348,11 @@ async def test_bad_arguments_are_reported_not_raised(capsys: pytest.CaptureFixtu
 
 
 def test_cli_demo_exits_zero() -> None:
-    """`python -m proxy demo --requests 40 --skip-outage --skip-rate-limit` prints the table
-    and the key-failover phase, with no app-visible failure in it."""
+    """`python -m proxy demo --requests 40` with the later phases skipped prints the table and
+    exits 0 (each phase has its own test above)."""
     done = subprocess.run(
         [sys.executable, "-m", "proxy", "demo", "--requests", "40", "--skip-outage",
-         "--skip-rate-limit"],
+         "--skip-rate-limit", "--skip-key-failover"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -364,9 +364,7 @@ def test_cli_demo_exits_zero() -> None:
     assert "Traceback" not in done.stderr
     assert "Outage:" not in done.stdout
     assert "Rate limit:" not in done.stdout
-    assert "action key_failover [ok]" in done.stdout
-    assert "diagnosis raised: auth_failure (critical)" in done.stdout
-    assert re.search(r"failed \(target 0\)\s+0  ok", done.stdout)
+    assert "key_failover" not in done.stdout
 
 
 async def test_key_failover_phase_shows_the_failover_with_no_app_failure() -> None:

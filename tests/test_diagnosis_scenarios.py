@@ -24,10 +24,10 @@ KEY = "sk_test_diagPrimaryKey0000000001"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 DIAGNOSIS = {
-    "interval": 0.2,
-    "window": 2.0,
-    "raise_after": 0.4,
-    "clear_after": 1.0,
+    "interval": 0.1,
+    "window": 1.5,
+    "raise_after": 0.3,
+    "clear_after": 0.8,
     "stripe_outage": {"min_count": 3},
     "network_failure": {"min_count": 3},
     "auth_failure": {"min_count": 2},
@@ -176,7 +176,7 @@ async def test_outage_raises_stripe_outage_and_tags_answers(sim: Any, make_sidec
 
         d = await raised_then_cleared(sidecar.url, "stripe_outage", trouble, health)
     assert d["severity"] == "critical" and len(d["evidence"]["operations"]) >= 2
-    assert d["evidence"]["window_seconds"] == 2.0
+    assert d["evidence"]["window_seconds"] == 1.5
     assert 'stripe_sidecar_diagnosis_active{kind="stripe_outage"} 0.0' in await _metrics(sidecar.url)
     sidecar.log.flush()
     log = sidecar.log._stream.getvalue()
