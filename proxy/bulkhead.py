@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from proxy.deadlines import Deadlines
+from proxy.deadlines import Canceller, Deadlines
 
 __all__ = ["Bulkhead", "Compartment"]
 
@@ -65,7 +65,7 @@ class Bulkhead:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (comp, waiter)
         self._waiters.append(entry)
-        timer = _WaitTimer(waiter)
+        timer = Canceller(waiter)
         self._deadlines.arm(timer, self.max_wait)
         try:
             await waiter
@@ -95,19 +95,3 @@ class Bulkhead:
                 other.in_flight += 1
                 waiter.set_result(None)
                 break
-
-
-class _WaitTimer:
-    """Ends a wait for a slot at ``max_wait`` (armed on the Deadlines)."""
-
-    __slots__ = ("_waiter", "deadline", "fired")
-
-    def __init__(self, waiter: asyncio.Future[None]) -> None:
-        self._waiter = waiter
-        self.deadline = 0.0
-        self.fired = False
-
-    def expire(self) -> None:
-        if not self._waiter.done():
-            self.fired = True
-            self._waiter.cancel()

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Collection
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["Deadlines", "Expiring"]
+__all__ = ["Canceller", "Deadlines", "Expiring"]
 
 
 class Expiring(Protocol):
@@ -97,3 +97,24 @@ class Deadlines:
 
     def __len__(self) -> int:
         return len(self._armed)
+
+
+class Canceller:
+    """Cancels a future when its deadline passes: a wait or a connect bounded by a time-out.
+
+    ``fired`` tells the awaiting code that the cancellation was the time-out, not its own task
+    being cancelled (a shutdown).
+    """
+
+    __slots__ = ("_future", "deadline", "fired")
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self._future = future
+        self.deadline = 0.0
+        self.fired = False
+
+    def expire(self) -> None:
+        """Cancel the future, if it is still pending."""
+        if not self._future.done():
+            self.fired = True
+            self._future.cancel()

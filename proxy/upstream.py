@@ -22,13 +22,13 @@ import re
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
 
 from proxy.classify import TransportError
-from proxy.deadlines import Deadlines
+from proxy.deadlines import Canceller, Deadlines
 from proxy.errors import ClientGone, UpstreamError
 
 __all__ = ["Connection", "Origin", "Pool", "Response", "Sink", "StreamEnd", "UpstreamError"]
@@ -677,22 +677,6 @@ _PASS_EXACT = frozenset(
 )
 
 
-class _ConnectTimer:
-    """Cancels a connect that outlives ``upstream.connect_timeout`` (armed on the Deadlines)."""
-
-    __slots__ = ("_opening", "deadline", "fired")
-
-    def __init__(self, opening: asyncio.Future[Any]) -> None:
-        self._opening = opening
-        self.deadline = 0.0
-        self.fired = False
-
-    def expire(self) -> None:
-        if not self._opening.done():
-            self.fired = True
-            self._opening.cancel()
-
-
 class Pool:
     """Idle keep-alive connections to one origin, and the way to get a fresh one."""
 
@@ -758,7 +742,7 @@ class Pool:
                 server_hostname=origin.host if self._ssl else None,
             )
         )
-        timer = _ConnectTimer(opening)
+        timer = Canceller(opening)
         self.deadlines.arm(timer, self.connect_timeout)
         try:
             _, proto = await opening

@@ -18,6 +18,19 @@ BUSY = json_answer(
 OK = json_answer(200, b'{"id":"pi_1"}', b"Request-Id: req_ok")
 
 
+def cut_midway(r: Received):
+    """A 3 MiB answer (streamed: over the buffer limit) whose upstream breaks off halfway."""
+    size = 3 * 1024 * 1024
+
+    async def write(transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        transport.write(b"x" * (size // 2))
+        await asyncio.sleep(0)
+        transport.abort()
+
+    return write
+
+
 class Recorder:
     """An observer that keeps what it is given."""
 
@@ -84,18 +97,7 @@ async def test_a_refusal_is_recorded_with_no_attempt(raw_upstream, make_sidecar)
 
 async def test_a_streamed_answer_cut_midway_is_never_recorded_as_a_success(raw_upstream, make_sidecar):
     """An upstream that breaks off a large answer: the record and the metrics say so, not success."""
-    size = 3 * 1024 * 1024
-
-    def cut(r: Received):
-        async def write(transport: asyncio.Transport) -> None:
-            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-            transport.write(b"x" * (size // 2))
-            await asyncio.sleep(0)
-            transport.abort()
-
-        return write
-
-    up = await raw_upstream(cut)
+    up = await raw_upstream(cut_midway)
     seen = Recorder()
     sc = await make_sidecar(up.url, observers=[seen])
     _, closed = await exchange(sc.port, GET_FILE, timeout=10, check_closed=True)
@@ -118,18 +120,7 @@ async def test_a_streamed_answer_cut_midway_is_never_recorded_as_a_success(raw_u
 
 async def test_streams_stripe_breaks_off_count_against_the_breaker(raw_upstream, make_sidecar):
     """Two large answers cut midway by the upstream open a breaker set to trip after two failures."""
-    size = 3 * 1024 * 1024
-
-    def cut(r: Received):
-        async def write(transport: asyncio.Transport) -> None:
-            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-            transport.write(b"x" * (size // 2))
-            await asyncio.sleep(0)
-            transport.abort()
-
-        return write
-
-    up = await raw_upstream(cut)
+    up = await raw_upstream(cut_midway)
     sc = await make_sidecar(up.url, breaker={"consecutive_failures": 2, "open_duration": 60.0})
     for _ in range(2):
         _, closed = await exchange(sc.port, GET_FILE, timeout=10)
