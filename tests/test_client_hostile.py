@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from rawclient import exchange, open_raw
 from rawupstream import Received, held, json_answer
+from unit.fakeclock import FakeClock
 
 from proxy.server import ClientConnection
 
@@ -141,16 +142,29 @@ async def test_trailer_line_that_never_ends_gets_431(raw_upstream, make_sidecar)
     assert up.received == []  # the upstream never saw a complete request
 
 
-async def test_stalled_trailers_get_408_after_the_header_timeout(raw_upstream, make_sidecar):
-    """Trailers that stop arriving are cut off by the header timeout with a 408."""
+async def test_stalled_trailers_get_408_at_the_trailer_timeout(raw_upstream, make_sidecar):
+    """Trailers that stop arriving get 408 at min(header_timeout, body_timeout) on the clock, not later."""
     up = await raw_upstream(lambda r: OK)
+    clock = FakeClock()
     sc = await make_sidecar(
         up.url,
-        server={"header_timeout": 0.3, "body_timeout": 30.0},
-        retry={"max_replay_body": 100, "attempt_timeout": 30.0},
+        clock=clock,
+        server={"header_timeout": 10.0, "body_timeout": 30.0},
+        retry={"max_replay_body": 100, "attempt_timeout": 60.0},
     )
     reader, writer = await open_raw(sc.port)
     writer.write(UPLOAD_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Trailer: a")
+    await poll(lambda: len(sc.server.connections) == 1, what="the connection")
+    conn = the_connection(sc)
+    await poll(
+        lambda: conn._body_bytes == 5 and conn.deadline == clock.now + 10.0,
+        what="the last chunk read and the trailer deadline armed",
+    )
+    assert conn.waiting_for == "body"
+    clock.advance(9.75)
+    assert sc.deadlines.sweep() == 0
+    clock.advance(0.25)
+    assert sc.deadlines.sweep() == 1
     data = await read_to_close(reader)
     writer.close()
     assert data.startswith(b"HTTP/1.1 408 "), data[:80]
@@ -161,25 +175,32 @@ async def test_stalled_trailers_get_408_after_the_header_timeout(raw_upstream, m
 # -- 3. body timeouts ---------------------------------------------------------------------------
 
 
-async def test_small_body_that_stops_arriving_gets_408(raw_upstream, make_sidecar):
-    """A small (buffered) body that stalls is answered 408 sidecar_body_timeout and never forwarded."""
-    up = await raw_upstream(lambda r: OK)
-    sc = await make_sidecar(up.url, server={"body_timeout": 0.3, "header_timeout": 0.3})
-    reader, writer = await open_raw(sc.port)
-    writer.write(b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nname=")
-    data = await read_to_close(reader)
-    writer.close()
-    assert data.startswith(b"HTTP/1.1 408 "), data[:80]
-    assert b"sidecar_body_timeout" in data
-    assert up.received == []
+# A body that stops after a few bytes: tests/test_timeouts.py
+# (test_a_body_that_stops_gets_408_at_body_timeout_and_is_never_forwarded).
+
+LIMITS = {"header_timeout": 10.0, "body_timeout": 10.0, "body_deadline": 300.0}
+
+
+async def body_read(sc, size: int) -> ClientConnection:
+    """The one connection, once ``size`` body bytes of its request have been read."""
+    await poll(lambda: len(sc.server.connections) == 1, what="the connection")
+    conn = the_connection(sc)
+    await poll(lambda: conn._body_bytes == size and conn.waiting_for == "body", what=f"{size} body bytes read")
+    return conn
 
 
 async def test_body_that_never_starts_gets_408(raw_upstream, make_sidecar):
-    """A declared body of which no byte ever arrives is answered 408 too."""
+    """A declared body of which no byte ever arrives gets 408 at body_timeout on the clock, not before."""
     up = await raw_upstream(lambda r: OK)
-    sc = await make_sidecar(up.url, server={"body_timeout": 0.3, "header_timeout": 0.3})
+    clock = FakeClock()
+    sc = await make_sidecar(up.url, clock=clock, server=LIMITS)
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+    await body_read(sc, 0)
+    clock.advance(9.75)
+    assert sc.deadlines.sweep() == 0
+    clock.advance(0.25)
+    assert sc.deadlines.sweep() == 1
     data = await read_to_close(reader)
     writer.close()
     assert data.startswith(b"HTTP/1.1 408 "), data[:80]
@@ -188,15 +209,20 @@ async def test_body_that_never_starts_gets_408(raw_upstream, make_sidecar):
 
 
 async def test_stalled_streamed_body_is_blamed_on_the_client(raw_upstream, make_sidecar):
-    """A streamed upload that stalls gets the door's 408 before the attempt timeout, and Stripe is not blamed."""
+    """A streamed upload that stalls gets the door's 408 at body_timeout, long before the attempt timeout, and Stripe is not blamed."""
     up = await raw_upstream(lambda r: OK)
+    clock = FakeClock()
     sc = await make_sidecar(
-        up.url,
-        server={"body_timeout": 0.3, "header_timeout": 0.3},
-        retry={"max_replay_body": 100, "attempt_timeout": 30.0},
+        up.url, clock=clock, server=LIMITS, retry={"max_replay_body": 100, "attempt_timeout": 30.0}
     )
     reader, writer = await open_raw(sc.port)
     writer.write(UPLOAD_HEAD + b"Content-Length: 5000\r\n\r\n" + b"x" * 200)
+    await body_read(sc, 200)
+    await poll(lambda: up.connections == 1, what="the upload to start upstream")
+    clock.advance(9.75)
+    assert sc.deadlines.sweep() == 0
+    clock.advance(0.25)
+    assert sc.deadlines.sweep() == 1
     data = await read_to_close(reader)
     writer.close()
     assert data.startswith(b"HTTP/1.1 408 "), data[:80]
@@ -210,19 +236,21 @@ async def test_stalled_streamed_body_is_blamed_on_the_client(raw_upstream, make_
 
 
 async def test_trickled_body_is_cut_at_the_body_deadline(raw_upstream, make_sidecar):
-    """A body that keeps trickling in but takes longer than body_deadline overall gets 408."""
+    """A body that keeps trickling in (each byte within body_timeout) is cut with 408 once body_deadline has passed overall."""
     up = await raw_upstream(lambda r: OK)
-    sc = await make_sidecar(
-        up.url, server={"body_timeout": 5.0, "body_deadline": 0.4, "header_timeout": 0.2}
-    )
+    clock = FakeClock()
+    sc = await make_sidecar(up.url, clock=clock, server={**LIMITS, "body_timeout": 5.0, "body_deadline": 20.0})
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n")
-    started = time.monotonic()
-    answer = asyncio.ensure_future(reader.read())
-    while not answer.done() and time.monotonic() - started < 5:
-        writer.write(b"a")  # a slow but steady client: a byte every 20 ms
-        await asyncio.wait([answer], timeout=0.02)
-    data = await answer
+    await body_read(sc, 0)
+    for sent in range(1, 6):  # a byte every 4 s: 20 s in all, never 5 s of silence
+        writer.write(b"a")
+        await body_read(sc, sent)
+        clock.advance(4.0 if sent < 5 else 3.75)
+        assert sc.deadlines.sweep() == 0, f"cut after {sent} bytes"
+    clock.advance(0.25)  # 20 s since the head
+    assert sc.deadlines.sweep() == 1
+    data = await read_to_close(reader)
     writer.close()
     assert data.startswith(b"HTTP/1.1 408 "), data[:80]
     assert b"sidecar_body_timeout" in data
@@ -230,16 +258,19 @@ async def test_trickled_body_is_cut_at_the_body_deadline(raw_upstream, make_side
 
 
 async def test_slow_but_steady_body_is_not_cut_by_the_idle_timeout(raw_upstream, make_sidecar):
-    """Each body byte restarts body_timeout: a body arriving in pieces for longer than it is accepted."""
+    """Each body byte restarts body_timeout: a body arriving in pieces over many body_timeouts is accepted."""
     up = await raw_upstream(lambda r: OK)
-    sc = await make_sidecar(up.url, server={"body_timeout": 0.5, "body_deadline": 60.0, "header_timeout": 0.3})
+    clock = FakeClock()
+    sc = await make_sidecar(up.url, clock=clock, server=LIMITS)
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n")
-    started = time.monotonic()
-    for _ in range(30):
-        writer.write(b"a")  # a byte every 50 ms: 1.5 s in all, three body_timeouts
-        await asyncio.sleep(0.05)
-    assert time.monotonic() - started > 0.5
+    await body_read(sc, 0)
+    for sent in range(1, 31):  # a byte every 9.9 s: 297 s in all, 29 body_timeouts
+        clock.advance(9.9)
+        assert sc.deadlines.sweep() == 0, f"cut after {sent - 1} bytes"
+        writer.write(b"a")
+        if sent < 30:
+            await body_read(sc, sent)
     head, body = await read_answer(reader)
     writer.close()
     assert head.startswith(b"HTTP/1.1 200"), head + body
@@ -250,19 +281,24 @@ async def test_body_read_paused_by_the_sidecar_is_not_timed_out(raw_upstream, ma
     """A streamed upload queued behind a slow request is not timed out while the sidecar itself holds it."""
     release = asyncio.Event()
     up = await raw_upstream(lambda r: held(release, OK) if r.method == "GET" else OK)
+    clock = FakeClock()
     sc = await make_sidecar(
         up.url,
-        server={"body_timeout": 0.2, "header_timeout": 0.2},
-        retry={"max_replay_body": 100, "attempt_timeout": 30.0},
+        clock=clock,
+        server=LIMITS,
+        retry={"max_replay_body": 100, "attempt_timeout": 60.0, "deadline": 60.0},
     )
     reader, writer = await open_raw(sc.port)
     writer.write(GET + UPLOAD_HEAD + b"Content-Length: 500\r\n\r\n")
     await poll(lambda: len(up.received) == 1, what="the GET upstream")
     conn = the_connection(sc)
     await poll(lambda: bool(conn._queue), what="the upload to queue")
-    assert conn._deadline_kind == 3  # the body deadline is armed
-    conn.expire()  # as the sweeper does once it passes: the sidecar paused reading, not the client
-    assert not conn._input_done, "the queued upload was timed out while the sidecar held it"
+    assert conn.waiting_for == "body"
+    for _ in range(3):  # three body_timeouts while the sidecar, not the client, holds the body
+        clock.advance(10.0)
+        sc.deadlines.sweep()
+        assert not conn._input_done, "the queued upload was timed out while the sidecar held it"
+        assert conn.waiting_for == "body"
     release.set()
     first, _ = await read_answer(reader)
     writer.write(b"h" * 500)
