@@ -11,8 +11,9 @@ import json
 import time
 from collections.abc import Callable
 
-from rawclient import exchange, open_raw
+from rawclient import exchange
 from rawupstream import held, json_answer
+from unit.fakeclock import FakeClock
 
 OK = json_answer(200, b'{"id":"cus_1","object":"customer"}', b"Request-Id: req_ok")
 HTML_503 = (
@@ -115,20 +116,7 @@ async def test_limiter_refusing_a_retry_stops_the_retries(raw_upstream, make_sid
 # -- connection settings ---------------------------------------------------------------------------
 
 
-async def test_idle_client_connection_is_closed_after_idle_timeout(raw_upstream, make_sidecar):
-    """A kept-alive client connection with nothing to do is closed after server.idle_timeout
-    (catches: the client keep-alive idle timeout dropped)."""
-    up = await raw_upstream(lambda r: OK)
-    sc = await make_sidecar(up.url, server={"idle_timeout": 0.2})
-    reader, writer = await open_raw(sc.port)
-    writer.write(BALANCE)
-    async with asyncio.timeout(5):
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200")
-        assert b"connection: close" not in head.lower()  # kept alive after the answer...
-        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
-        assert await reader.read() == b""  # ...then closed by the sidecar once idle
-    writer.close()
+# The client keep-alive idle timeout: tests/test_timeouts.py.
 
 
 async def test_pooled_connection_idle_past_the_pool_timeout_is_not_reused(raw_upstream, make_sidecar):
@@ -165,7 +153,7 @@ async def test_pool_keeps_at_most_max_idle_per_host_connections(raw_upstream, ma
 
 async def test_connect_timeout_bounds_a_handshake_that_never_completes(make_sidecar):
     """An https upstream that accepts TCP but never answers the TLS handshake fails the attempt
-    after upstream.connect_timeout with a Stripe-shaped 502 (catches: connect_timeout ignored)."""
+    at upstream.connect_timeout on the clock (not before) with a Stripe-shaped 502 (catches: connect_timeout ignored)."""
     accepted: list[asyncio.StreamWriter] = []
 
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -174,12 +162,21 @@ async def test_connect_timeout_bounds_a_handshake_that_never_completes(make_side
     server = await asyncio.start_server(mute, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
+        clock = FakeClock()
         sc = await make_sidecar(
             f"https://127.0.0.1:{port}",
-            upstream={"connect_timeout": 0.2},
+            clock=clock,
+            upstream={"connect_timeout": 5.0},
             retry={"max_attempts": 1, "attempt_timeout": 30},
         )
-        answers, _ = await exchange(sc.port, BALANCE, timeout=8)
+        asking = asyncio.create_task(exchange(sc.port, BALANCE))
+        await poll(lambda: len(accepted) == 1, "the TCP connection to be accepted")
+        clock.advance(4.75)
+        assert sc.deadlines.sweep() == 0
+        assert not asking.done()
+        clock.advance(0.25)
+        assert sc.deadlines.sweep() == 1
+        answers, _ = await asking
         assert answers[0].status == 502
         err = answers[0].json()["error"]
         assert err["code"] == "sidecar_upstream_unreachable"
