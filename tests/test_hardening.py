@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from collections.abc import Callable
 
 import httptools
 from rawclient import exchange, open_raw
 from rawupstream import Received, held, json_answer
+from unit.fakeclock import FakeClock
 
 OK = json_answer(200, b'{"id":"cus_1","object":"customer"}', b"Request-Id: req_ok")
 HTML_503 = (
@@ -27,16 +29,6 @@ async def poll(cond: Callable[[], bool], timeout: float = 5.0, what: str = "cond
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.01)
-
-
-async def settles(cond: Callable[[], bool], timeout: float) -> bool:
-    """Whether ``cond()`` comes to hold within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 class Sleeps:
@@ -72,12 +64,14 @@ async def read_answer(reader: asyncio.StreamReader, timeout: float) -> bytes:
 
 
 async def test_bad_chunk_framing_mid_upload_ends_the_pipeline_run(raw_upstream, make_sidecar):
-    """A streamed upload cut off at the door (malformed chunk) ends its run and frees its bulkhead slot."""
+    """A streamed upload cut off at the door (malformed chunk) ends its run and frees its bulkhead slot
+    at once: no time passes on the clock, so no time-out can be what ends it."""
     up = await raw_upstream(lambda r: OK)
     sc = await make_sidecar(
         up.url,
-        bulkhead={"max_in_flight": 1, "max_wait": 0.05},
-        retry={"attempt_timeout": 0.5, "max_replay_body": 100},
+        clock=FakeClock(),
+        bulkhead={"max_in_flight": 1, "max_wait": 1.0},
+        retry={"max_replay_body": 100},
     )
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
@@ -86,21 +80,21 @@ async def test_bad_chunk_framing_mid_upload_ends_the_pipeline_run(raw_upstream, 
     async with asyncio.timeout(5):
         await reader.read()  # refused: the sidecar closes the connection
     writer.close()
-    # Well past attempt_timeout: the run must be over by now.
-    ended = await settles(lambda: sc.metrics.in_flight == 0, 3.0)
+    await poll(lambda: sc.metrics.in_flight == 0, what="the pipeline run of the refused upload to end")
     answers, _ = await exchange(sc.port, BALANCE)
-    assert ended, "the pipeline run of the refused upload never ended"
     assert answers[0].status == 200, answers[0].body
 
 
 async def test_body_over_limit_mid_upload_frees_the_bulkhead_slot(raw_upstream, make_sidecar):
-    """A chunked upload that grows past max_body_bytes mid-stream does not hold a bulkhead slot forever."""
+    """A chunked upload that grows past max_body_bytes mid-stream frees its bulkhead slot at once (the
+    clock stands still, so no time-out can be what frees it)."""
     up = await raw_upstream(lambda r: OK)
     sc = await make_sidecar(
         up.url,
+        clock=FakeClock(),
         server={"max_body_bytes": 1000},
-        bulkhead={"max_in_flight": 1, "max_wait": 0.05},
-        retry={"attempt_timeout": 0.5, "max_replay_body": 100},
+        bulkhead={"max_in_flight": 1, "max_wait": 1.0},
+        retry={"max_replay_body": 100},
     )
     reader, writer = await open_raw(sc.port)
     chunk = b"a" * 600
@@ -111,7 +105,7 @@ async def test_body_over_limit_mid_upload_frees_the_bulkhead_slot(raw_upstream, 
     async with asyncio.timeout(5):
         await reader.read()
     writer.close()
-    assert await settles(lambda: sc.metrics.in_flight == 0, 3.0), "the upload's run never ended"
+    await poll(lambda: sc.metrics.in_flight == 0, what="the upload's run to end")
     answers, _ = await exchange(sc.port, BALANCE)
     assert answers[0].status == 200, answers[0].body
 
@@ -126,7 +120,7 @@ async def test_pipelined_chunked_upload_behind_a_slow_request_completes(raw_upst
     slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow if r.method == "GET" else OK)
-    sc = await make_sidecar(up.url, retry={"attempt_timeout": 1.0, "max_replay_body": 100})
+    sc = await make_sidecar(up.url, clock=FakeClock(), retry={"max_replay_body": 100})
     reader, writer = await open_raw(sc.port)
     writer.write(GET + b"POST /v1/files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     await poll(lambda: len(up.received) >= 1, what="the GET upstream")
@@ -147,13 +141,24 @@ async def test_pipelined_chunked_upload_behind_a_slow_request_completes(raw_upst
 
 
 async def test_stalled_upload_is_answered_when_the_body_times_out(raw_upstream, make_sidecar):
-    """An upload whose client stops sending gets a 408 (and frees its slot) once server.body_timeout passes."""
+    """An upload whose client stops sending gets a 408 (and frees its slot) once server.body_timeout passes
+    on the clock, even with an attempt_timeout as short."""
     up = await raw_upstream(lambda r: OK)
+    clock = FakeClock()
     sc = await make_sidecar(
-        up.url, server={"body_timeout": 0.5}, retry={"attempt_timeout": 0.5, "max_replay_body": 100}
+        up.url, clock=clock, server={"body_timeout": 10.0}, retry={"attempt_timeout": 10.0, "max_replay_body": 100}
     )
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"x" * 200)
+    await poll(lambda: up.connections == 1, what="the upload to start upstream")
+    await poll(
+        lambda: [(c._body_bytes, c.waiting_for) for c in sc.server.connections] == [(200, "body")],
+        what="the 200 bytes read",
+    )
+    clock.advance(9.75)
+    assert sc.deadlines.sweep() == 0
+    clock.advance(0.25)
+    assert sc.deadlines.sweep() == 1
     try:
         async with asyncio.timeout(5):
             data = await reader.read(65536)
@@ -228,7 +233,7 @@ async def test_connection_with_an_unsent_request_body_is_not_reused(make_sidecar
     early = EarlyServer()
     url = await early.start()
     try:
-        sc = await make_sidecar(url, retry={"enabled": False, "attempt_timeout": 1.0, "max_replay_body": 100})
+        sc = await make_sidecar(url, clock=FakeClock(), retry={"enabled": False, "max_replay_body": 100})
         reader, writer = await open_raw(sc.port)
         # POST /v1/customers goes to the same (api) pool as the GET below.
         writer.write(b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
@@ -385,7 +390,7 @@ async def test_connection_paused_by_a_slow_client_is_not_pooled_paused(raw_upstr
 
     up = await raw_upstream(lambda r: big if r.target.startswith(b"/v1/customers") else OK)
     sc = await make_sidecar(
-        up.url, upstream={"buffer_limit": 16384}, retry={"enabled": False, "attempt_timeout": 1.0}
+        up.url, clock=FakeClock(), upstream={"buffer_limit": 16384}, retry={"enabled": False}
     )
     pool = sc.forwarder.pools["api"]
     sock = socket.socket()
@@ -462,7 +467,8 @@ async def test_answer_finished_during_drain_says_connection_close(raw_upstream, 
 
 
 async def test_regression_client_gone_mid_stream_drops_the_upstream_connection(raw_upstream, make_sidecar):
-    """PASSES TODAY (regression guard): a client leaving mid streamed answer closes that upstream connection; the next request works."""
+    """PASSES TODAY (regression guard): a client leaving (reset) mid streamed answer closes that upstream
+    connection at once (the clock stands still: no silence timer does it); the next request works."""
     never = asyncio.Event()
     first = b"a" * 40_000
 
@@ -471,13 +477,16 @@ async def test_regression_client_gone_mid_stream_drops_the_upstream_connection(r
         await never.wait()  # the rest never comes
 
     up = await raw_upstream(lambda r: big if r.target.startswith(b"/v1/customers") else OK)
-    sc = await make_sidecar(up.url, upstream={"buffer_limit": 16384}, retry={"enabled": False, "attempt_timeout": 1.0})
+    sc = await make_sidecar(up.url, clock=FakeClock(), upstream={"buffer_limit": 16384}, retry={"enabled": False})
     reader, writer = await open_raw(sc.port)
     writer.write(GET)
     async with asyncio.timeout(5):
         got = b""
         while b"a" * 1000 not in got:
             got += await reader.read(65536)
+    # Gone, not half-closed: a reset (a FIN alone would be a half-close, whose answer still goes on).
+    linger_zero = struct.pack("ii", 1, 0)
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_zero)
     writer.transport.abort()
     await poll(lambda: not up._transports, what="the upstream connection to close")
     answers, _ = await exchange(sc.port, BALANCE)
