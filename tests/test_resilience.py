@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 from rawclient import exchange
 from rawupstream import Received, held, json_answer
+from test_timeouts import until
+from unit.fakeclock import FakeClock
 
 OK = json_answer(200, b'{"id":"pi_1","object":"payment_intent"}', b"Request-Id: req_ok")
 HTML_503 = (
@@ -196,13 +198,24 @@ async def test_large_bodies_are_never_retried(raw_upstream, make_sidecar):
 
 
 async def test_timeouts_are_retried_then_answered_504(raw_upstream, make_sidecar):
-    """An upstream that never answers costs attempt_timeout per attempt, then a Stripe-shaped 504."""
+    """An upstream that never answers costs attempt_timeout on the clock per attempt (not less), then a
+    Stripe-shaped 504."""
     async def silent(transport: asyncio.Transport) -> None:
         return None
 
     up = await raw_upstream(lambda r: silent)
-    sc = await make_sidecar(up.url, sleep=Sleeps(), retry={"attempt_timeout": 0.1, "max_attempts": 2})
-    answers, _ = await exchange(sc.port, GET)
+    clock = FakeClock()
+    sc = await make_sidecar(
+        up.url, clock=clock, sleep=clock.sleep, retry={"attempt_timeout": 5.0, "max_attempts": 2}
+    )
+    asking = asyncio.create_task(exchange(sc.port, GET))
+    for attempt in (1, 2):
+        await until(lambda n=attempt: len(up.received) == n)
+        clock.advance(4.75)
+        assert sc.deadlines.sweep() == 0
+        clock.advance(0.25)
+        assert sc.deadlines.sweep() == 1
+    answers, _ = await asking
     a = answers[0]
     assert a.status == 504
     assert a.json()["error"]["code"] == "sidecar_upstream_timeout"
