@@ -12,6 +12,7 @@ import pytest
 from rawclient import exchange, open_raw
 from rawupstream import json_answer
 from test_hardening import poll, read_answer, script
+from unit.fakeclock import FakeClock
 
 from proxy.breaker import BreakerState
 from proxy.config import config_from_dict
@@ -219,6 +220,11 @@ def test_head_limits_are_validated_with_their_key_paths():
 # -- 4. a client pausing a large streamed answer ------------------------------------------------------
 
 
+def upstream_paused(sc: Any) -> bool:
+    """Whether the one client's streamed answer has its upstream connection paused for the client."""
+    return [c._streaming is not None and c._streaming.conn._reading_paused for c in sc.server.connections] == [True]
+
+
 def large_answer(size: int) -> bytes:
     """A Content-Length framed answer of ``size`` body bytes (well over the buffer limit)."""
     return b"HTTP/1.1 200 OK\r\nContent-Type: application/pdf\r\nContent-Length: %d\r\n\r\n%b" % (
@@ -228,21 +234,27 @@ def large_answer(size: int) -> bytes:
 
 
 async def test_paused_client_gets_the_whole_stream_after_the_attempt_timeout(raw_upstream, make_sidecar):
-    """A client that stops reading a streamed answer for longer than attempt_timeout still gets all of it, recorded as a success."""
+    """A client that stops reading a streamed answer for several attempt timeouts (within write_timeout)
+    still gets all of it, recorded as a success."""
     size = 48 << 20  # more than loopback socket buffers hold, so the client's pause holds the upstream
     up = await raw_upstream(lambda r: large_answer(size))
+    clock = FakeClock()
     sc = await make_sidecar(
         up.url,
+        clock=clock,
         upstream={"buffer_limit": 65536},
-        retry={"attempt_timeout": 0.2},
-        server={"write_timeout": 30.0},
+        retry={"attempt_timeout": 5.0},
+        server={"write_timeout": 60.0},
     )
     reader, writer = await open_raw(sc.port)
     writer.write(b"GET /v1/quotes/qt_1/pdf HTTP/1.1\r\nHost: x\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200")
-    # Not reading, for several attempt timeouts: the old silence timer would have cut it by now.
-    await asyncio.sleep(1.0)
+    await poll(lambda: upstream_paused(sc), what="the upstream paused for the client")
+    # Not reading, for eleven attempt timeouts: a silence timer running now would cut it.
+    for _ in range(11):
+        clock.advance(5.0)
+        assert sc.deadlines.sweep() == 0
     got = 0
     async with asyncio.timeout(20):
         while got < size:
@@ -256,7 +268,8 @@ async def test_paused_client_gets_the_whole_stream_after_the_attempt_timeout(raw
 
 
 async def test_client_stalling_past_the_write_timeout_is_cut_and_not_a_success(raw_upstream, make_sidecar):
-    """A client that takes nothing of a streamed answer for server.write_timeout is cut off, recorded as client_stalled; the upstream is not read meanwhile."""
+    """A client that takes nothing of a streamed answer is cut off at server.write_timeout on the clock (not
+    before), recorded as client_stalled; the upstream is not read meanwhile."""
     size = 64 << 20
     sent = [0]
 
@@ -270,15 +283,23 @@ async def test_client_stalling_past_the_write_timeout_is_cut_and_not_a_success(r
                 await asyncio.sleep(0.005)
 
     up = await raw_upstream(lambda r: paced)
+    clock = FakeClock()
     sc = await make_sidecar(
         up.url,
+        clock=clock,
         upstream={"buffer_limit": 65536},
         retry={"attempt_timeout": 5.0},
-        server={"write_timeout": 0.3},
+        server={"write_timeout": 60.0},
     )
     reader, writer = await open_raw(sc.port)
     writer.write(b"GET /v1/quotes/qt_1/pdf HTTP/1.1\r\nHost: x\r\n\r\n")
     await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    await poll(lambda: upstream_paused(sc), what="the upstream paused for the client")
+    clock.advance(59.75)
+    assert sc.deadlines.sweep() == 0
+    assert requests_with(sc, "client_stalled") == 0
+    clock.advance(0.25)
+    assert sc.deadlines.sweep() == 1
     await poll(lambda: requests_with(sc, "client_stalled") == 1, timeout=10, what="the stall to be recorded")
     writer.close()
     assert requests_with(sc, "success") == 0
@@ -288,18 +309,39 @@ async def test_client_stalling_past_the_write_timeout_is_cut_and_not_a_success(r
 
 # -- 5. a slow but steady upload ------------------------------------------------------------------
 
+SLOW = {"body_timeout": 10.0, "body_deadline": 300.0}
+
+
+async def body_read(sc: Any, size: int) -> None:
+    """Wait until the one client connection has read ``size`` body bytes and waits for more."""
+    await poll(
+        lambda: [(c._body_bytes, c.waiting_for) for c in sc.server.connections] == [(size, "body")],
+        what=f"{size} body bytes read",
+    )
+
+
+async def paced(sc: Any, clock: FakeClock, writer: asyncio.StreamWriter, piece: bytes, pieces: int) -> None:
+    """Send ``pieces`` pieces, 8 s apart on the clock (within body_timeout), sweeping as time passes."""
+    for n in range(1, pieces + 1):
+        writer.write(piece)
+        if n == pieces:
+            return
+        await body_read(sc, n * len(piece))
+        clock.advance(8.0)
+        assert sc.deadlines.sweep() == 0, f"cut after {n} pieces"
+
 
 async def test_slow_steady_upload_outlasting_the_attempt_timeout_succeeds(raw_upstream, make_sidecar):
-    """An upload paced over several attempt timeouts is sent whole and answered, never a 504 blaming Stripe."""
+    """An upload paced over many attempt timeouts (each pause longer than one, within body_timeout) is sent
+    whole and answered: the time the client takes is never charged to Stripe, never a 504."""
     up = await raw_upstream(lambda r: OK)
-    sc = await make_sidecar(up.url, retry={"attempt_timeout": 0.3, "max_replay_body": 100})
+    clock = FakeClock()
+    sc = await make_sidecar(up.url, clock=clock, server=SLOW, retry={"attempt_timeout": 5.0, "max_replay_body": 100})
     piece = b"p" * 1000
-    pieces = 30  # one every 40 ms: 1.2 s in all, four attempt timeouts
+    pieces = 30  # one every 8 s: 240 s in all, 48 attempt timeouts
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (len(piece) * pieces))
-    for _ in range(pieces):
-        writer.write(piece)
-        await asyncio.sleep(0.04)
+    await paced(sc, clock, writer, piece, pieces)
     answer = await read_answer(reader, 5)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200"), answer
@@ -308,14 +350,19 @@ async def test_slow_steady_upload_outlasting_the_attempt_timeout_succeeds(raw_up
 
 
 async def test_upstream_silent_after_a_slow_upload_is_a_504(raw_upstream, make_sidecar):
-    """Once the whole slow upload is sent, an upstream that never answers is Stripe's timeout (504)."""
+    """Once the whole slow upload is sent, an upstream that never answers is Stripe's timeout (504),
+    attempt_timeout on the clock after the last byte (not counting the upload's time)."""
     up = await raw_upstream(lambda r: (lambda transport: asyncio.sleep(0)))
-    sc = await make_sidecar(up.url, retry={"attempt_timeout": 0.3, "max_replay_body": 100})
+    clock = FakeClock()
+    sc = await make_sidecar(up.url, clock=clock, server=SLOW, retry={"attempt_timeout": 5.0, "max_replay_body": 100})
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
-    for _ in range(10):
-        writer.write(b"p" * 500)
-        await asyncio.sleep(0.05)
+    await paced(sc, clock, writer, b"p" * 500, 10)
+    await poll(lambda: len(up.received) == 1, what="the whole upload upstream")
+    clock.advance(4.75)
+    assert sc.deadlines.sweep() == 0
+    clock.advance(0.25)
+    assert sc.deadlines.sweep() == 1
     answer = await read_answer(reader, 5)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 504"), answer
@@ -325,11 +372,18 @@ async def test_upstream_silent_after_a_slow_upload_is_a_504(raw_upstream, make_s
 async def test_stalled_upload_is_the_clients_408_not_stripes_504(raw_upstream, make_sidecar):
     """An upload stalling longer than attempt_timeout (but within body_timeout) is not cut as Stripe's timeout; the door's 408 ends it."""
     up = await raw_upstream(lambda r: OK)
+    clock = FakeClock()
     sc = await make_sidecar(
-        up.url, server={"body_timeout": 0.8}, retry={"attempt_timeout": 0.2, "max_replay_body": 100}
+        up.url, clock=clock, server=SLOW, retry={"attempt_timeout": 2.0, "max_replay_body": 100}
     )
     reader, writer = await open_raw(sc.port)
     writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"x" * 200)
+    await poll(lambda: up.connections == 1, what="the upload to start upstream")
+    await body_read(sc, 200)
+    clock.advance(9.75)  # many attempt timeouts, within body_timeout
+    assert sc.deadlines.sweep() == 0
+    clock.advance(0.25)
+    assert sc.deadlines.sweep() == 1
     data = await asyncio.wait_for(reader.read(65536), 5)
     writer.close()
     assert data.startswith(b"HTTP/1.1 408"), data
