@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 from rawclient import exchange
@@ -253,27 +252,29 @@ async def test_breaker_opens_and_fails_fast(raw_upstream, make_sidecar):
 
 
 async def test_breaker_heals_through_half_open_probes(raw_upstream, make_sidecar):
-    """Once the open time has passed, probes go through and successes close the breaker."""
+    """Once the open time has passed on the clock (not before), probes go through and successes close the
+    breaker."""
     healthy = False
     up = await raw_upstream(lambda r: OK if healthy else HTML_503)
+    clock = FakeClock()
     sc = await make_sidecar(
         up.url,
-        sleep=Sleeps(),
+        clock=clock,
+        sleep=clock.sleep,
         retry={"max_attempts": 1},
-        breaker={"consecutive_failures": 3, "open_duration": 0.2, "open_duration_max": 0.2, "half_open_probes": 2},
+        breaker={"consecutive_failures": 3, "open_duration": 30.0, "open_duration_max": 30.0, "half_open_probes": 2},
     )
     for _ in range(3):
         await exchange(sc.port, GET)
     answers, _ = await exchange(sc.port, GET)
     assert answers[0].json()["error"]["code"] == "sidecar_circuit_open"
     healthy = True
-    deadline = time.monotonic() + 5
-    while True:
-        answers, _ = await exchange(sc.port, GET)
-        if answers[0].status == 200:
-            break
-        assert time.monotonic() < deadline, "breaker never let a probe through"
-        await asyncio.sleep(0.02)
+    clock.advance(29.75)
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].json()["error"]["code"] == "sidecar_circuit_open"
+    clock.advance(0.25)
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].status == 200, "the breaker let no probe through once open_duration had passed"
     answers, _ = await exchange(sc.port, GET)
     assert answers[0].status == 200
     assert sc.registry.get_sample_value("stripe_sidecar_breaker_state", {"scope": "GET /v1/customers/{customer}"}) == 0
@@ -360,19 +361,24 @@ async def test_rate_limited_429_activates_that_operations_limiter(raw_upstream, 
 
 
 async def test_bulkhead_bounds_requests_in_flight(raw_upstream, make_sidecar):
-    """With one slot, a second concurrent request waits max_wait then gets 503 sidecar_bulkhead_full."""
+    """With one slot, a second concurrent request waits max_wait on the clock (not less), then gets 503
+    sidecar_bulkhead_full."""
     release = asyncio.Event()
 
     slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow)
-    sc = await make_sidecar(up.url, bulkhead={"max_in_flight": 1, "max_wait": 0.05})
+    clock = FakeClock()
+    sc = await make_sidecar(up.url, clock=clock, bulkhead={"max_in_flight": 1, "max_wait": 2.0})
     first = asyncio.create_task(exchange(sc.port, GET))
-    deadline = time.monotonic() + 5
-    while not up.received:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
-    answers, _ = await exchange(sc.port, GET)
+    await until(lambda: len(up.received) == 1)
+    second = asyncio.create_task(exchange(sc.port, GET))
+    await until(lambda: len(sc.forwarder.bulkhead._waiters) == 1)
+    clock.advance(1.75)
+    assert sc.deadlines.sweep() == 0
+    clock.advance(0.25)
+    assert sc.deadlines.sweep() == 1
+    answers, _ = await second
     assert answers[0].status == 503
     assert answers[0].json()["error"]["code"] == "sidecar_bulkhead_full"
     release.set()
@@ -440,17 +446,20 @@ async def test_operation_max_in_flight_bounds_that_operation(raw_upstream, make_
     slow = held(release, OK)
 
     up = await raw_upstream(lambda r: slow if r.target.startswith(b"/v1/customers") else OK)
+    clock = FakeClock()
     sc = await make_sidecar(
         up.url,
-        bulkhead={"max_wait": 0.05},
+        clock=clock,
+        bulkhead={"max_wait": 2.0},
         operations={"GET /v1/customers/{customer}": {"limits": {"max_in_flight": 1}}},
     )
     first = asyncio.create_task(exchange(sc.port, GET))
-    deadline = time.monotonic() + 5
-    while not up.received:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
-    second, _ = await exchange(sc.port, GET)
+    await until(lambda: len(up.received) == 1)
+    waiting = asyncio.create_task(exchange(sc.port, GET))
+    await until(lambda: len(sc.forwarder.bulkhead._waiters) == 1)
+    clock.advance(2.0)
+    assert sc.deadlines.sweep() == 1
+    second, _ = await waiting
     assert second[0].json()["error"]["code"] == "sidecar_bulkhead_full"
     other, _ = await exchange(sc.port, b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n")
     assert other[0].status == 200
@@ -491,18 +500,19 @@ async def test_an_internal_error_gives_its_half_open_probe_back(raw_upstream, ma
     """A bug that costs a half-open probe its answer must not keep the breaker from probing again."""
     healthy = False
     up = await raw_upstream(lambda r: OK if healthy else HTML_503)
+    clock = FakeClock()
     sc = await make_sidecar(
         up.url,
-        sleep=Sleeps(),
+        clock=clock,
+        sleep=clock.sleep,
         retry={"max_attempts": 1},
-        breaker={"consecutive_failures": 1, "open_duration": 0.05, "open_duration_max": 0.05, "half_open_probes": 1},
+        breaker={"consecutive_failures": 1, "open_duration": 30.0, "open_duration_max": 30.0, "half_open_probes": 1},
     )
     await exchange(sc.port, GET)  # opens the breaker
     breaker = sc.forwarder.breakers()["GET /v1/customers/{customer}"]
-    deadline = time.monotonic() + 5
-    while breaker.retry_after() > 0:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    assert breaker.retry_after() > 0
+    clock.advance(30.0)
+    assert breaker.retry_after() == 0
     healthy = True
     real_attempt = sc.forwarder._send
 
