@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import Callable
 
 from rawclient import exchange, open_raw
 from rawupstream import Received, held, json_answer
 from unit.fakeclock import FakeClock
+from waiting import poll
 
 from proxy.server import ClientConnection
 
 OK = json_answer(200, b'{"id":"cus_1","object":"customer"}', b"Request-Id: req_ok")
 GET = b"GET /v1/customers/cus_1 HTTP/1.1\r\nHost: x\r\n\r\n"
 UPLOAD_HEAD = b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk_test_good\r\n"
-
-
-async def poll(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Wait until ``cond()`` holds, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
 
 
 async def read_answer(reader: asyncio.StreamReader, timeout: float = 5.0) -> tuple[bytes, bytes]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
 
 from rawclient import exchange
 from rawupstream import held, json_answer
 from unit.fakeclock import FakeClock
+from waiting import poll
 
 OK = json_answer(200, b'{"id":"cus_1","object":"customer"}', b"Request-Id: req_ok")
 HTML_503 = (
@@ -37,14 +36,6 @@ class Clock:
     async def sleep(self, delay: float) -> None:
         self.delays.append(delay)
         self.now += delay
-
-
-async def poll(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait until ``cond()`` holds, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def logged(sc) -> list[dict]:
@@ -141,12 +132,12 @@ async def test_pool_keeps_at_most_max_idle_per_host_connections(raw_upstream, ma
     up = await raw_upstream(lambda r: held(release, OK))
     sc = await make_sidecar(up.url, upstream={"max_idle_per_host": 1})
     pending = [asyncio.create_task(exchange(sc.port, BALANCE)) for _ in range(3)]
-    await poll(lambda: len(up.received) == 3, "three requests upstream")
+    await poll(lambda: len(up.received) == 3, what="three requests upstream")
     assert up.connections == 3
     release.set()
     for task in pending:
         assert (await task)[0][0].status == 200
-    await poll(lambda: len(up._transports) == 1, "the surplus idle connections to close")
+    await poll(lambda: len(up._transports) == 1, what="the surplus idle connections to close")
     assert (await exchange(sc.port, BALANCE))[0][0].status == 200
     assert up.connections == 3  # the one kept was reused
 
@@ -170,7 +161,7 @@ async def test_connect_timeout_bounds_a_handshake_that_never_completes(make_side
             retry={"max_attempts": 1, "attempt_timeout": 30},
         )
         asking = asyncio.create_task(exchange(sc.port, BALANCE))
-        await poll(lambda: len(accepted) == 1, "the TCP connection to be accepted")
+        await poll(lambda: len(accepted) == 1, what="the TCP connection to be accepted")
         clock.advance(4.75)
         assert sc.deadlines.sweep() == 0
         assert not asking.done()

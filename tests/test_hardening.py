@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import time
 from collections.abc import Callable
 
 import httptools
 from rawclient import exchange, open_raw
 from rawupstream import Received, held, json_answer
 from unit.fakeclock import FakeClock
+from waiting import poll
 
 OK = json_answer(200, b'{"id":"cus_1","object":"customer"}', b"Request-Id: req_ok")
 HTML_503 = (
@@ -21,14 +21,6 @@ HTML_503 = (
 )
 GET = b"GET /v1/customers/cus_1 HTTP/1.1\r\nHost: x\r\n\r\n"
 BALANCE = b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n"
-
-
-async def poll(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Wait until ``cond()`` holds, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 class Sleeps:

@@ -10,12 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 import stripe
+from waiting import poll as until
 
 from proxy.simulator import PROFILES, FaultProfile, SimulatorHandle, start_simulator
 from proxy.simulator.errors import mask_key
@@ -40,15 +41,6 @@ async def http(sim: SimulatorHandle) -> AsyncIterator[aiohttp.ClientSession]:
     """A client session aimed at the simulator, authenticated with a test key."""
     async with aiohttp.ClientSession(base_url=sim.url, headers=AUTH) as session:
         yield session
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll `condition` until it holds, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.002)
 
 
 async def post(http: aiohttp.ClientSession, path: str, data: str = "",

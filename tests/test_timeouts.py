@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 from rawclient import open_raw
 from rawupstream import json_answer
 from unit.fakeclock import FakeClock
+from waiting import poll as until
 
 OK = json_answer(200, b'{"object":"balance"}', b"Request-Id: req_1")
 GET = b"GET /v1/balance HTTP/1.1\r\nHost: x\r\n\r\n"
 LIMITS = {"header_timeout": 10.0, "idle_timeout": 75.0, "body_timeout": 10.0, "body_deadline": 300.0}
-
-
-async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    """Poll ``condition`` until it holds, failing after ``seconds``."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    while not condition():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 async def waiting_for(sc, what: str) -> None:
