@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 from rawclient import exchange, open_raw
 from rawupstream import Received, held, json_answer
@@ -85,6 +86,22 @@ async def test_unread_pipelined_answers_stop_the_sidecar_from_starting_more(raw_
 # -- 2. endless header and trailer lines -----------------------------------------------------------
 
 
+async def feed_until(
+    writer: asyncio.StreamWriter, conn: ClientConnection, piece: bytes, refused: Callable[[], bool]
+) -> int:
+    """Write ``piece`` after ``piece`` of a line that never ends until ``refused()``; bytes sent.
+
+    Each piece is its own read: the next goes once the sidecar has taken the last one in.
+    """
+    sent = 0
+    while not refused() and sent < 1 << 20:
+        before = conn._stalled_bytes
+        writer.write(piece)
+        sent += len(piece)
+        await poll(lambda b=before: refused() or conn._stalled_bytes > b, what="the piece to be read")
+    return sent
+
+
 async def test_header_line_that_never_ends_gets_431_at_the_limit(raw_upstream, make_sidecar):
     """A header value fed in pieces that never ends is refused with 431 once past max_header_bytes."""
     up = await raw_upstream(lambda r: OK)
@@ -94,13 +111,7 @@ async def test_header_line_that_never_ends_gets_431_at_the_limit(raw_upstream, m
     await poll(lambda: len(sc.server.connections) == 1 and the_connection(sc)._req is not None, what="the head to start")
     conn = the_connection(sc)
     piece = b"a" * 1024
-    sent = 0
-    while not conn.closed and sent < 1 << 20:
-        before = conn._stalled_bytes
-        writer.write(piece)
-        sent += len(piece)
-        # Each piece its own read: wait until the sidecar has taken it in (or answered).
-        await poll(lambda b=before: conn.closed or conn._stalled_bytes > b, what="the piece to be read")
+    sent = await feed_until(writer, conn, piece, lambda: conn.closed)
     data = await read_to_close(reader)
     writer.close()
     assert data.startswith(b"HTTP/1.1 431 "), data[:80]
@@ -118,12 +129,7 @@ async def test_trailer_line_that_never_ends_gets_431(raw_upstream, make_sidecar)
     await poll(lambda: up.connections >= 1, what="the upload to start upstream")
     conn = the_connection(sc)
     piece = b"t" * 1024
-    sent = 0
-    while not conn._input_done and sent < 1 << 20:
-        before = conn._stalled_bytes
-        writer.write(piece)
-        sent += len(piece)
-        await poll(lambda b=before: conn._input_done or conn._stalled_bytes > b, what="the piece to be read")
+    sent = await feed_until(writer, conn, piece, lambda: conn._input_done)
     data = await read_to_close(reader)
     writer.close()
     assert data.startswith(b"HTTP/1.1 431 "), data[:80]
