@@ -25,9 +25,11 @@ tests/node/node_modules/.package-lock.json: tests/node/package-lock.json
 demo: $(VENV)/.installed
 	$(BIN)/stripe-sidecar demo
 
-# The status page is tested in a real headless Chromium (Debian's package; CI runs as root).
+# The status page is tested in a real headless Chromium, fleet state against a real Redis
+# (Debian's packages; CI runs as root).
 test: lint tests/node/node_modules/.package-lock.json
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	command -v redis-server >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m pytest -q -n 4 --dist worksteal --random-order-bucket=global
 
 lint: $(VENV)/.installed-test

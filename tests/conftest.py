@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import uvloop
 from rawupstream import Answer, RawUpstream, Received
+from redisserver import redis_server, redis_url  # noqa: F401  (fixtures for every test module)
 
 from proxy.app import Sidecar
 from proxy.config import config_from_dict
