@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 test: lint tests/node/node_modules/.package-lock.json
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	command -v redis-server >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
-	# Alert rules and the dashboard: promtool and a real Prometheus server (tests/test_monitoring.py).
+# Alert rules and the dashboard: promtool and a real Prometheus server (tests/test_monitoring.py).
 	command -v promtool >/dev/null && command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
 	$(BIN)/python -m pytest -q -n 4 --dist worksteal --random-order-bucket=global
 
