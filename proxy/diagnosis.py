@@ -25,6 +25,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
 
 from proxy.records import AttemptRecord, RequestRecord
 from proxy.rules import (
@@ -35,6 +36,7 @@ from proxy.rules import (
     DiagnosisSettings,
     Severity,
     Snapshot,
+    StoreStatus,
     evaluate,
     quantile,
 )
@@ -48,7 +50,9 @@ __all__ = [
     "DiagnosisRecorder",
     "DiagnosisSettings",
     "HealingAction",
+    "StoreStatus",
     "iso",
+    "redact_url",
 ]
 
 # Series of an operation's window, in order.
@@ -92,6 +96,18 @@ def iso(wall: float | None) -> str | None:
     if wall is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any user name and password removed (``redis://:pw@host:6379/0`` -> host)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class _OpWindow:
@@ -371,6 +387,7 @@ class DiagnosisEngine:
         self._last_eval: float | None = None
         self._subscribers: list[Callable[[DiagnosisEvent], None]] = []
         self._action_subscribers: list[Callable[[HealingAction], None]] = []
+        self._stores: dict[str, StoreStatus] = {}
 
     # -- subscriptions --------------------------------------------------------------------------
     def subscribe(self, callback: Callable[[DiagnosisEvent], None]) -> Callable[[], None]:
@@ -420,12 +437,35 @@ class DiagnosisEngine:
             callback(event)
         return event
 
+    def report_store(
+        self,
+        name: str,
+        url: str,
+        error: str | None,
+        *,
+        effect: str = "",
+        severity: Severity = "warning",
+    ) -> None:
+        """Say whether the store ``name`` (``outbox.store``, ``ratelimit.shared``) answers.
+
+        ``error`` None: it answers. Otherwise ``store_unreachable`` is raised once the failure
+        has lasted ``raise_after`` (and cleared ``clear_after`` after the store answers again);
+        ``effect`` says what the sidecar does meanwhile. The URL is shown without a password.
+        """
+        if error is None:
+            self._stores.pop(name, None)
+            return
+        known = self._stores.get(name)
+        since = known.since if known is not None else self._wall()
+        self._stores[name] = StoreStatus(redact_url(url), error, since, effect, severity)
+
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> list[DiagnosisEvent]:
         """Run every rule on the window as of now; raise and clear; return (and publish) events."""
         now = self._clock()
         snapshot = self.recorder.snapshot()
         snapshot.baselines = self._baselines
+        snapshot.stores = dict(self._stores)
         checks = evaluate(snapshot, self.settings)
         events: list[DiagnosisEvent] = []
         for kind, check in checks.items():

@@ -13,6 +13,7 @@ Thresholds come in pairs: a condition is raised at its threshold and counts as g
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = [
     "DiagnosisSettings",
     "Severity",
     "Snapshot",
+    "StoreStatus",
     "evaluate",
     "quantile",
 ]
@@ -36,6 +38,7 @@ Severity = Literal["critical", "warning", "info"]
 KINDS = (
     "stripe_outage",
     "network_failure",
+    "store_unreachable",
     "auth_failure",
     "rate_limited",
     "latency_degraded",
@@ -152,6 +155,21 @@ class Counts:
         self.bad_codes: Counter[tuple[str, str]] = Counter()  # (code, param) of 400s
 
 
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """An external store the sidecar uses (the outbox's, the shared rate limit's) that fails.
+
+    ``url`` has any password removed; ``effect`` says in plain words what the sidecar does
+    meanwhile; ``since`` is the wall-clock time of the first failure in a row.
+    """
+
+    url: str
+    error: str
+    since: float
+    effect: str
+    severity: Severity = "warning"
+
+
 @dataclass(slots=True)
 class Snapshot:
     """What the recorder counted over the last ``window`` seconds."""
@@ -163,6 +181,7 @@ class Snapshot:
     auth_codes: Counter[str] = field(default_factory=Counter)  # 401 error codes
     examples: dict[str, list[str]] = field(default_factory=dict)  # category -> Request-Ids
     baselines: dict[str, float] = field(default_factory=dict)  # op -> usual share of 400s
+    stores: dict[str, StoreStatus] = field(default_factory=dict)  # name -> failing store
 
     def total(self, name: str) -> int:
         """One count summed over every operation."""
@@ -444,9 +463,44 @@ def idempotency_misuse(s: Snapshot, cfg: DiagnosisSettings) -> Check:
     )
 
 
+def store_unreachable(s: Snapshot, cfg: DiagnosisSettings) -> Check:
+    """A store the sidecar keeps fleet state in (Redis, SQLite) does not answer."""
+    if not s.stores:
+        return _GONE
+    names = sorted(s.stores)
+    worst: Severity = (
+        "critical" if any(st.severity == "critical" for st in s.stores.values()) else "warning"
+    )
+    first = s.stores[names[0]]
+    summary = (
+        f"The sidecar cannot reach {', '.join(names)} ({first.url}: {first.error}); "
+        + "; ".join(s.stores[n].effect for n in names)
+        + "."
+    )
+    evidence = {
+        "stores": {
+            n: {"url": st.url, "error": st.error, "since": _iso(st.since), "effect": st.effect}
+            for n, st in ((n, s.stores[n]) for n in names)
+        }
+    }
+    return Check(
+        True,
+        worst,
+        summary,
+        evidence,
+        "Check that the store is running and reachable from this pod (address, password, "
+        "network policy); the sidecar reconnects by itself once it answers.",
+    )
+
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
 RULES: dict[str, Callable[[Snapshot, DiagnosisSettings], Check]] = {
     "stripe_outage": stripe_outage,
     "network_failure": network_failure,
+    "store_unreachable": store_unreachable,
     "auth_failure": auth_failure,
     "rate_limited": rate_limited,
     "latency_degraded": latency_degraded,

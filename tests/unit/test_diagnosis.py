@@ -315,3 +315,46 @@ def test_report_operations_have_ratio_latency_breaker_and_history() -> None:
     assert ops[BALANCE]["breaker"] == "closed"
     assert 25 <= ops[CREATE]["p50_ms"] <= 50 and ops[CREATE]["p99_ms"] <= 50
     assert sum(ops[CREATE]["history"]["requests"]) == 30
+
+
+def test_store_unreachable_raises_after_raise_after_and_clears_once_it_answers() -> None:
+    """A failing store is raised after raise_after with its redacted URL and effect; cleared clear_after after it answers."""
+    h = Harness()
+    url = "redis://:hunter2secret@redis.internal:6380/0"
+    for _ in range(4):
+        h.engine.report_store("ratelimit.shared", url, "ConnectionError: refused",
+                              effect="each sidecar limits on its own")
+        h.second(lambda op, i: attempt(op))
+    assert h.kinds("raised") == ["store_unreachable"]
+    d = h.engine.active["store_unreachable"]
+    assert d.severity == "warning"
+    stores = d.evidence["stores"]
+    assert stores["ratelimit.shared"]["url"] == "redis://redis.internal:6380/0"
+    assert "hunter2" not in repr(d.as_dict())
+    assert "each sidecar limits on its own" in d.summary
+    h.engine.report_store("outbox.store", "redis://redis.internal:6380/0", "timeout",
+                          effect="writes are not queued", severity="critical")
+    h.second(lambda op, i: attempt(op))
+    assert h.engine.active["store_unreachable"].severity == "critical"
+    assert h.engine.critical_kinds() == ("store_unreachable",)
+    h.engine.report_store("ratelimit.shared", url, None)
+    h.engine.report_store("outbox.store", url, None)
+    h.run(4, lambda op, i: attempt(op))
+    assert h.kinds("cleared") == []
+    h.run(2, lambda op, i: attempt(op))
+    assert h.kinds("cleared") == ["store_unreachable"]
+
+
+def test_store_failure_keeps_its_first_time_while_it_lasts() -> None:
+    """Repeated reports of a failing store keep the time of its first failure; after it answered, a new failure starts anew."""
+    times = iter([100.0, 200.0, 300.0])
+    engine = DiagnosisEngine(SETTINGS, clock=FakeClock(), wall=lambda: next(times))
+    engine.report_store("ratelimit.shared", "redis://h/0", "down")
+    engine.report_store("ratelimit.shared", "redis://h/0", "still down")
+    assert engine._stores["ratelimit.shared"].since == 100.0
+    engine.report_store("ratelimit.shared", "redis://h/0", None)
+    assert engine._stores == {}
+    engine.report_store("ratelimit.shared", "redis://h/0", "down again")
+    snapshot_stores = engine._stores
+    assert snapshot_stores["ratelimit.shared"].since == 200.0
+    assert snapshot_stores["ratelimit.shared"].error == "down again"
