@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import json
 import os
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
@@ -28,6 +29,7 @@ from proxy.keys import ENV_KEYS, ENV_TOKEN, HeldKey, KeySet, keys_from_env
 from proxy.log import Logger
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.observers import AccessLog, MetricsRecorder
+from proxy.outbox.service import Outbox
 from proxy.records import Observer
 from proxy.replies import reason_phrase
 from proxy.server import Request, Server, ShutdownReport
@@ -39,6 +41,19 @@ __all__ = ["EXIT_UNFINISHED", "Sidecar", "serve"]
 # failures: see proxy.cli).
 EXIT_UNFINISHED = 3
 OPERATOR_PATHS = frozenset({"/health", "/ready", "/metrics", "/diagnosis", "/status"})
+OUTBOX_PREFIX = "/outbox/"
+
+
+class _WithOutbox:
+    """The operator paths plus ``/outbox`` and everything under it (only with the outbox on)."""
+
+    __slots__ = ("_exact",)
+
+    def __init__(self, exact: frozenset[str]) -> None:
+        self._exact = exact | {"/outbox"}
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._exact or (isinstance(path, str) and path.startswith(OUTBOX_PREFIX))
 
 
 def _json_answer(status: int, payload: object, *, keep_alive: bool = True) -> bytes:
@@ -69,6 +84,8 @@ class Sidecar:
         observers: Sequence[Observer] = (),
         secret_keys: Sequence[str] = (),
         client_token: str | None = None,
+        wall: Callable[[], float] = time.time,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         # The Stripe keys the sidecar holds (None: apps send their own); ConfigError when
@@ -99,6 +116,11 @@ class Sidecar:
         self._surfaces = DiagnosisSurfaces(
             self.diagnosis, registry=self.registry, log=self.log, set_header=self._set_diagnosis
         )
+        self.outbox = Outbox(
+            config, registry=self.registry, log=self.log,
+            environ=os.environ if environ is None else environ,
+            keys_held=self.keys is not None, wall=wall, rand=rand,
+        )  # fmt: skip
 
     async def start(self) -> int:
         """Listen on ``server.listen``; return the bound port."""
@@ -119,7 +141,9 @@ class Sidecar:
             deadlines=self.deadlines,
             keys=self.keys,
             on_key_failover=self._key_failover,
+            outbox=self.outbox.capture,
         )
+        await self.outbox.start(self.forwarder)
         s = self.config.server
         plan = self._plan_fds()
         self.server = Server(
@@ -130,7 +154,7 @@ class Sidecar:
             max_buffered_body=self.config.retry.max_replay_body,
             header_timeout=s.header_timeout,
             idle_timeout=s.idle_timeout,
-            operator_paths=OPERATOR_PATHS,
+            operator_paths=_WithOutbox(OPERATOR_PATHS) if self.outbox.enabled else OPERATOR_PATHS,
             max_connections=plan.max_connections,
             overflow=plan.overflow,
             on_overload=self.metrics.connections_over_bound.inc,
@@ -231,6 +255,7 @@ class Sidecar:
             report = await self.server.shutdown(s.drain_period, s.shutdown_grace, hurry=hurry)
         if self.notifier is not None:
             await self.notifier.stop()
+        await self.outbox.stop()
         if self.forwarder is not None:
             self.forwarder.close()
         if self._flusher is not None:
@@ -249,10 +274,13 @@ class Sidecar:
 
     # -- Handler protocol (used by proxy.server) -------------------------------------------
     def operator(self, request: Request, path: str) -> bytes | Awaitable[bytes] | None:
-        """Answer /health, /ready, /metrics, /diagnosis and /status (HEAD: the head alone).
+        """Answer /health, /ready, /metrics, /diagnosis, /status and /outbox (HEAD: the head alone).
 
-        /metrics is answered later (an awaitable): it is rendered off the event loop.
+        /metrics and /outbox are answered later (an awaitable): off the event loop, or from the
+        store.
         """
+        if path == "/outbox" or path.startswith(OUTBOX_PREFIX):
+            return self._outbox_answer(request, path)
         if request.method not in ("GET", "HEAD"):
             return _json_answer(
                 405,
@@ -295,6 +323,27 @@ class Sidecar:
             )
         return None
 
+    async def _outbox_answer(self, request: Request, path: str) -> bytes:
+        """The /outbox endpoints; changes need the client token when the sidecar has one."""
+        method = request.method
+        token = self.keys.client_auth if self.keys is not None else None
+        if method not in ("GET", "HEAD") and token is not None:
+            sent = request.authorization
+            if sent is None or not hmac.compare_digest(sent, token):
+                return _json_answer(401, {"error": {
+                    "type": "invalid_request_error", "code": "sidecar_client_token_required",
+                    "message": "Changing the outbox needs the sidecar's client token as the "
+                    "API key (Authorization: Bearer <token>).",
+                }})  # fmt: skip
+        _, _, query = request.target.partition(b"?")
+        status, payload = await self.outbox.api(
+            "GET" if method == "HEAD" else method, path, query.decode("latin-1")
+        )
+        answer = _json_answer(status, payload)
+        if method == "HEAD":
+            answer = answer[: answer.index(b"\r\n\r\n") + 4]
+        return answer
+
     def diagnosis_report(self) -> dict[str, Any]:
         """The /diagnosis document: active and recent diagnoses, actions, operations."""
         breakers = {}
@@ -303,6 +352,10 @@ class Sidecar:
         report = self.diagnosis.report(breakers)
         report["enabled"] = self.config.diagnosis.enabled
         report["upstream_breaker"] = breakers.get("upstream", "closed")
+        report["outbox"] = self.outbox.summary()
+        unreachable = self.outbox.diagnosis()
+        if unreachable is not None:
+            report["active"] = [unreachable, *report["active"]]
         return report
 
     async def _metrics_answer(self, *, head_only: bool) -> bytes:

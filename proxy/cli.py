@@ -1,4 +1,6 @@
-"""The ``stripe-sidecar`` command: serve, simulate, demo, check-config. Only this module exits.
+"""The ``stripe-sidecar`` command: serve, simulate, demo, check-config, doctor, outbox.
+
+Only this module exits.
 
 Exit statuses: 0 success (for ``serve``: every request finished within the shutdown grace);
 1 an OS error at start (port in use...); 2 a usage or config error; 3 ``serve`` stopped with
@@ -92,9 +94,38 @@ def _parser() -> argparse.ArgumentParser:
         sim.add_argument(f"--{name}", type=float, default=None, help=what)
 
     _add_doctor(sub)
-
+    _add_outbox(sub)
     _add_demo(sub)
     return p
+
+
+def _add_outbox(sub: Any) -> None:
+    outbox = sub.add_parser("outbox", help="list, show, retry or drop the running sidecar's "
+                            "queued writes")  # fmt: skip
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=os.environ.get("STRIPE_SIDECAR_URL"),
+        help="the sidecar (env STRIPE_SIDECAR_URL; default from STRIPE_SIDECAR_LISTEN, else "
+        "http://127.0.0.1:8080)",
+    )
+    actions = outbox.add_subparsers(dest="action", required=True)
+    ls = actions.add_parser("list", help="counts by state and the items", parents=[common])
+    ls.add_argument("--state", choices=["queued", "delivering", "delivered", "failed", "expired"])
+    ls.add_argument("--operation", help='e.g. "POST /v1/customers"')
+    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--json", action="store_true", help="the /outbox document as it is")
+    show = actions.add_parser(
+        "show", help="one item, with Stripe's answer and its audit trail", parents=[common]
+    )
+    show.add_argument("id")
+    retry = actions.add_parser(
+        "retry", help="queue a failed item again (never an expired one)", parents=[common]
+    )
+    retry.add_argument("id")
+    drop = actions.add_parser("drop", help="delete an item (audited)", parents=[common])
+    drop.add_argument("id")
+    drop.add_argument("--reason", help="recorded in the audit trail and the log")
 
 
 def _add_demo(sub: Any) -> None:
@@ -122,7 +153,28 @@ def _add_demo(sub: Any) -> None:
 
 def _load(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
-    return with_overrides(config, listen=args.listen, upstream=args.upstream)
+    return with_overrides(
+        config,
+        listen=args.listen,
+        upstream=args.upstream,
+        outbox_store=os.environ.get("STRIPE_SIDECAR_OUTBOX_STORE"),
+    )
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    from proxy.outbox.operator import default_url, run
+
+    return run(
+        args.action,
+        url=args.url or default_url(os.environ),
+        item_id=getattr(args, "id", None),
+        state=getattr(args, "state", None),
+        operation=getattr(args, "operation", None),
+        limit=getattr(args, "limit", 100),
+        reason=getattr(args, "reason", None),
+        as_json=getattr(args, "json", False),
+        token=os.environ.get("STRIPE_SIDECAR_CLIENT_TOKEN") or None,
+    )
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -169,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "doctor":
             return _doctor(args)
+        if args.command == "outbox":
+            return _outbox(args)
         if args.command == "demo":
             from proxy.demo import run_demo
 

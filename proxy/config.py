@@ -24,6 +24,8 @@ from proxy.breaker import BreakerSettings
 from proxy.errors import ConfigError
 from proxy.healing import HealingSettings
 from proxy.keys import KeySettings
+from proxy.outbox.policy import OutboxSettings
+from proxy.outbox.sqlite import sqlite_path
 from proxy.ratelimit import RateLimitSettings
 from proxy.retry import RetrySettings
 from proxy.routes import DEFAULT_ROUTES, HostRoute, operation_table
@@ -138,6 +140,9 @@ class OperationSettings:
     retry: RetrySettings = field(default_factory=RetrySettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     limits: OperationLimits = field(default_factory=OperationLimits)
+    # queue: when Stripe cannot be reached (breaker open, retries ended on a retryable
+    # outcome), a POST with an Idempotency-Key is stored in the outbox and answered 202.
+    fallback: Literal["fail", "queue"] = "fail"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,7 @@ class Config:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     keys: KeySettings = field(default_factory=KeySettings)
     healing: HealingSettings = field(default_factory=HealingSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
     operations: Mapping[str, OperationSettings] = field(default_factory=dict)
 
     def for_operation(self, operation: str) -> OperationSettings:
@@ -227,6 +233,15 @@ _POSITIVE = {
     "check_timeout",
     "min_in_flight",
     "restore_interval",
+    "idempotency_window",
+    "lease",
+    "batch",
+    "concurrency",
+    "backoff_base",
+    "backoff_max",
+    "retention",
+    "callback_timeout",
+    "callback_attempts",
 }
 _RATIO = {
     "failure_rate", "decrease_factor", "min_429_share", "ratio", "clear_ratio", "tighten_factor"
@@ -369,10 +384,12 @@ def _operations(value: Any, where: str, problems: list[str]) -> Mapping[str, Any
             suffix = f" (did you mean {hint}?)" if hint else ""
             problems.append(f"{at}: not a Stripe operation{suffix}")
         if not isinstance(body, dict):
-            problems.append(f"{at}: expected a mapping with retry, breaker and/or limits")
+            problems.append(
+                f"{at}: expected a mapping with retry, breaker, limits and/or fallback"
+            )
             continue
         for key in body:
-            if key not in ("retry", "breaker", "limits"):
+            if key not in ("retry", "breaker", "limits", "fallback"):
                 problems.append(f"unknown key: {at}.{key}")
         out[str(op)] = body
     return out
@@ -432,6 +449,7 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         if route.host not in config.upstream.hosts:
             problems.append(f"upstream.routes[{i}].host: {route.host!r} is not in upstream.hosts")
     _ratelimit_checks(config, problems)
+    _outbox_checks(config, problems)
     sections: list[tuple[str, RetrySettings]] = [("retry", config.retry)]
     sections += [(f"operations.{op}.retry", s.retry) for op, s in config.operations.items()]
     for op, settings in config.operations.items():
@@ -479,6 +497,56 @@ def _ratelimit_checks(config: Config, problems: list[str]) -> None:
             problems.append(f"{where}_burst: a burst needs a ceiling rate ({where}_rate)")
 
 
+def _outbox_checks(config: Config, problems: list[str]) -> None:
+    for op, settings in config.operations.items():
+        if settings.fallback != "queue":
+            continue
+        method, _, path = op.partition(" ")
+        if method != "POST":
+            problems.append(
+                f"operations.{op}.fallback: queue is for POST operations only (a write made "
+                "safe to send later by its Idempotency-Key)"
+            )
+        elif path.startswith("/oauth/"):
+            problems.append(
+                f"operations.{op}.fallback: connect.stripe.com takes no Idempotency-Key, so "
+                "OAuth calls cannot be queued"
+            )
+    ob = config.outbox
+    if ob.store is not None:
+        problems.extend(store_url_problems(ob.store, "outbox.store"))
+    if ob.safety_margin >= ob.idempotency_window:
+        problems.append(
+            f"outbox.safety_margin: {ob.safety_margin} leaves nothing of the idempotency window"
+        )
+    if ob.backoff_base > ob.backoff_max:
+        problems.append(f"outbox.backoff_base: {ob.backoff_base} exceeds backoff_max")
+    deadline = max([config.retry.deadline] + [s.retry.deadline for s in config.operations.values()])
+    if ob.lease <= deadline:
+        problems.append(
+            f"outbox.lease: {ob.lease} must outlast a delivery's retries (retry.deadline "
+            f"{deadline}), or a second deliverer could claim an item still being sent"
+        )
+    if ob.callback_url is not None:
+        parts = urlsplit(ob.callback_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append("outbox.callback_url: not an http(s) URL")
+
+
+def store_url_problems(url: str, where: str) -> list[str]:
+    """Problems with an outbox store URL (the URL is never echoed: it may hold a password)."""
+    if url.startswith("sqlite:"):
+        try:
+            sqlite_path(url)
+        except ValueError:
+            return [f"{where}: a SQLite store is sqlite:///relative/path or sqlite:////absolute/path"]
+        return []
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss") and parts.hostname:
+        return []
+    return [f"{where}: not a sqlite:///PATH or redis://HOST:PORT/DB URL"]
+
+
 # Kubernetes' default terminationGracePeriodSeconds: the kubelet kills the container after it.
 _K8S_TERMINATION_GRACE = 30.0
 
@@ -522,7 +590,15 @@ def config_from_dict(data: Any, *, source: str = "config") -> Config:
             limits = _build(
                 OperationLimits, body.get("limits"), f"operations.{op}.limits", problems
             )
-            resolved[op] = OperationSettings(retry=retry, breaker=breaker, limits=limits)
+            fallback = body.get("fallback", "fail")
+            if fallback not in ("fail", "queue"):
+                problems.append(
+                    f"operations.{op}.fallback: {fallback!r} is not one of 'fail', 'queue'"
+                )
+                fallback = "fail"
+            resolved[op] = OperationSettings(
+                retry=retry, breaker=breaker, limits=limits, fallback=fallback
+            )
         config = dataclasses.replace(config, operations=resolved)
     _cross_checks(config, problems)
     if problems:
@@ -571,10 +647,23 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     return config_from_dict(data, source=source)
 
 
-def with_overrides(config: Config, *, listen: str | None, upstream: str | None) -> Config:
+def with_overrides(
+    config: Config,
+    *,
+    listen: str | None,
+    upstream: str | None,
+    outbox_store: str | None = None,
+) -> Config:
     """Apply command-line / environment settings on top of a loaded config, validated."""
     server = config.server
     up = config.upstream
+    if outbox_store:
+        bad = store_url_problems(outbox_store, "STRIPE_SIDECAR_OUTBOX_STORE")
+        if bad:
+            raise ConfigError(bad, "environment")
+        config = dataclasses.replace(
+            config, outbox=dataclasses.replace(config.outbox, store=outbox_store)
+        )
     if listen is not None:
         server = dataclasses.replace(server, listen=listen)
     if upstream is not None:

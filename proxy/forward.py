@@ -18,6 +18,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING, cast
 
 from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.bulkhead import Bulkhead, Compartment
@@ -50,6 +51,9 @@ from proxy.routes import Router
 from proxy.server import ClientConnection, Request
 from proxy.upstream import Connection, Pool, Response
 
+if TYPE_CHECKING:
+    from proxy.outbox.capture import Capture, DeliveryConnection
+
 __all__ = ["Call", "Forwarder"]
 
 _BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -60,7 +64,7 @@ _ANSWERED = Step(GiveUp.ANSWERED, 0.0, False)
 class _Op:
     """Everything resolved once per operation template."""
 
-    __slots__ = ("breaker", "compartment", "name", "pool", "retry")
+    __slots__ = ("breaker", "compartment", "name", "outbox", "pool", "retry")
 
     def __init__(
         self,
@@ -69,12 +73,14 @@ class _Op:
         settings: OperationSettings,
         breaker: CircuitBreaker | None,
         compartment: Compartment,
+        outbox: Capture | None = None,
     ) -> None:
         self.name = name
         self.pool = pool
         self.retry = settings.retry
         self.breaker = breaker  # None when this operation's breaker is switched off
         self.compartment = compartment
+        self.outbox = outbox  # the outbox's hook for a fallback: queue operation, else None
 
 
 class Permits:
@@ -210,8 +216,11 @@ class Forwarder:
         deadlines: Deadlines,
         keys: KeySet | None = None,
         on_key_failover: Callable[[HeldKey, HeldKey, str], None] | None = None,
+        outbox: Capture | None = None,
     ) -> None:
         self.config = config
+        # The hook of fallback: queue operations (None: no operation queues).
+        self.outbox = outbox
         # The Stripe keys the sidecar holds (None: the app's own Authorization goes through).
         self.keys = keys
         self._on_key_failover = on_key_failover
@@ -284,6 +293,7 @@ class Forwarder:
             Compartment(
                 limits.max_in_flight or self.config.bulkhead.max_in_flight_per_operation
             ),
+            self.outbox if settings.fallback == "queue" else None,
         )
 
     def breakers(self) -> dict[str, CircuitBreaker]:
@@ -304,9 +314,13 @@ class Forwarder:
             pool.close()
 
     # -- the pipeline ---------------------------------------------------------------------------
-    async def forward(self, req: Request, conn: ClientConnection) -> None:
-        """Handle one Stripe API request from admission to its records."""
-        call = Call(req, conn, self._operation(req), self._clock())
+    async def forward(self, req: Request, conn: ClientConnection, call: Call | None = None) -> None:
+        """Handle one Stripe API request from admission to its records.
+
+        ``call`` is given by :meth:`deliver` only; the server's requests make their own.
+        """
+        if call is None:
+            call = Call(req, conn, self._operation(req), self._clock())
         metrics = self.metrics
         metrics.in_flight += 1
         try:
@@ -319,7 +333,10 @@ class Forwarder:
                         await self._attempts(call, permits)
                 finally:
                     self._leave(call)
-                if refusal is not None:
+                outbox = call.op.outbox
+                if outbox is not None and await outbox.offer(call, refusal, self):
+                    pass  # stored durably, answered 202
+                elif refusal is not None:
                     self._refuse(call, refusal)
                 else:
                     ended = self._respond(call)
@@ -335,6 +352,21 @@ class Forwarder:
         finally:
             metrics.in_flight -= 1
         self._record(call)
+
+    async def deliver(self, req: Request, conn: DeliveryConnection) -> Call:
+        """Send a stored outbox item through the whole pipeline; the finished call.
+
+        Breakers, bulkhead, limiter, held keys, retries and records apply as to any request;
+        the answer is written to ``conn``, and the call is never queued again.
+        """
+        client = cast(ClientConnection, conn)
+        call = Call(req, client, self._operation(req), self._clock())
+        await self.forward(req, client, call)
+        return call
+
+    def make_safe(self, call: Call) -> None:
+        """The make-safe stage for a call that skipped it (the outbox queues a refused call)."""
+        self._make_safe(call)
 
     # -- admit ----------------------------------------------------------------------------------
     async def _admit(self, call: Call, permits: Permits) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import math
 from typing import TYPE_CHECKING
 
@@ -250,6 +251,31 @@ class Responder:
             extra += b"Sidecar-Attempts: 0\r\nSidecar-Outcome: %s\r\n" % reason.encode()
         self._error(call, status, reason, message, type_, extra)
         call.outcome = reason
+
+    def queued(self, call: Call, item_id: str, key: str, state: str) -> None:
+        """202: the write is stored in the outbox and will be sent to Stripe later."""
+        body = json.dumps(
+            {
+                "object": "sidecar.queued_request",
+                "id": item_id,
+                "idempotency_key": key,
+                "operation": call.op.name,
+                "state": state,
+            },
+            separators=(",", ":"),
+        ).encode()
+        keep_alive = call.conn.keeps_alive(call.req)
+        head = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n"
+        head += b"Idempotency-Key: %s\r\n" % key.encode("latin-1")
+        if self._sidecar_headers:
+            head += b"Sidecar-Attempts: %d\r\nSidecar-Outcome: queued\r\n" % call.attempt
+        head += self.diagnosis_line
+        if not keep_alive:
+            head += b"Connection: close\r\n"
+        call.conn.finish(
+            head + b"Content-Length: %d\r\n\r\n%b" % (len(body), body), keep_alive=keep_alive
+        )
+        call.status, call.outcome = 202, "queued"
 
     def client_token_required(self, call: Call) -> None:
         """401: the sidecar holds the Stripe keys and the app did not present its client token."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Container, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -245,7 +245,7 @@ class Server:
         max_buffered_body: int,
         header_timeout: float,
         idle_timeout: float,
-        operator_paths: frozenset[str],
+        operator_paths: Container[str],
         body_timeout: float = 10.0,
         body_deadline: float = 300.0,
         write_timeout: float = 60.0,

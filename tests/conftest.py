@@ -45,6 +45,8 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
         clock: Any = None,
         secret_keys: Any = None,
         client_token: Any = None,
+        wall: Any = None,
+        environ: Any = None,
         **sections: Any,
     ) -> Sidecar:
         data = _merge(
@@ -59,6 +61,7 @@ async def make_sidecar() -> AsyncIterator[Callable[..., Any]]:
             for k, v in (
                 ("sleep", sleep), ("rand", rand), ("observers", observers), ("clock", clock),
                 ("secret_keys", secret_keys), ("client_token", client_token),
+                ("wall", wall), ("environ", environ),
             )
             if v is not None
         }
