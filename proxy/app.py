@@ -120,6 +120,7 @@ class Sidecar:
             config, registry=self.registry, log=self.log,
             environ=os.environ if environ is None else environ,
             keys_held=self.keys is not None, wall=wall, rand=rand,
+            report_store=self._outbox_store_status,
         )  # fmt: skip
 
     async def start(self) -> int:
@@ -212,6 +213,13 @@ class Sidecar:
                 self.diagnosis, self.config.healing, pools=fw.pools.values,
                 compartments=fw.compartments, clock=self._clock,
             )  # fmt: skip
+
+    def _outbox_store_status(self, url: str, error: str | None) -> None:
+        self.diagnosis.report_store(
+            "outbox.store", url, error, severity="critical",
+            effect="writes to fallback: queue operations get the usual failure answer, not 202, "
+            "and queued writes wait",
+        )  # fmt: skip
 
     def _key_failover(self, used: HeldKey, target: HeldKey, operation: str) -> None:
         if self.keeper is not None:
@@ -353,9 +361,6 @@ class Sidecar:
         report["enabled"] = self.config.diagnosis.enabled
         report["upstream_breaker"] = breakers.get("upstream", "closed")
         report["outbox"] = self.outbox.summary()
-        unreachable = self.outbox.diagnosis()
-        if unreachable is not None:
-            report["active"] = [unreachable, *report["active"]]
         return report
 
     async def _metrics_answer(self, *, head_only: bool) -> bytes:

@@ -522,7 +522,10 @@ def _outbox_checks(config: Config, problems: list[str]) -> None:
     if ob.backoff_base > ob.backoff_max:
         problems.append(f"outbox.backoff_base: {ob.backoff_base} exceeds backoff_max")
     deadline = max([config.retry.deadline] + [s.retry.deadline for s in config.operations.values()])
-    if ob.lease <= deadline:
+    in_use = ob.store is not None or any(
+        s.fallback == "queue" for s in config.operations.values()
+    )
+    if in_use and ob.lease <= deadline:
         problems.append(
             f"outbox.lease: {ob.lease} must outlast a delivery's retries (retry.deadline "
             f"{deadline}), or a second deliverer could claim an item still being sent"

@@ -193,13 +193,22 @@ async def test_unreachable_store_answers_the_failure_and_says_so(make_sidecar, t
     """A store that cannot be opened: no 202, /diagnosis names it, /ready stays ready, store_up is 0."""
     (tmp_path / "file").write_text("x")
     async with start_simulator(profile="outage") as sim:
-        sc = await make_sidecar(sim.url, **_sections(tmp_path, store=f"sqlite:///{tmp_path}/file/outbox.db"))
+        sc = await make_sidecar(
+            sim.url, diagnosis={"interval": 0.05, "raise_after": 0.1},
+            **_sections(tmp_path, store=f"sqlite:///{tmp_path}/file/outbox.db"),
+        )
         async with aiohttp.ClientSession() as s:
             status, _headers, _ = await _post(s, sc.url, "/v1/customers", {"email": "a@example.com"})
             assert status in (502, 503)
             status, diag = await _get(s, sc.url, "/diagnosis")
-            assert diag["outbox"]["store_up"] is False
-            assert diag["active"][0]["kind"] == "outbox_store_unreachable"
+            assert diag["outbox"]["store_up"] is False and diag["outbox"]["error"]
+            deadline = time.monotonic() + 5
+            while "store_unreachable" not in [d["kind"] for d in diag["active"]]:
+                assert time.monotonic() < deadline, diag["active"]
+                await asyncio.sleep(0.05)
+                status, diag = await _get(s, sc.url, "/diagnosis")
+            (found,) = [d for d in diag["active"] if d["kind"] == "store_unreachable"]
+            assert found["severity"] == "critical" and "outbox.store" in json.dumps(found["evidence"])
             status, _ = await _get(s, sc.url, "/ready")
             assert status == 200
             status, doc = await _get(s, sc.url, "/outbox")

@@ -149,8 +149,11 @@ class Outbox:
         keys_held: bool,
         wall: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        report_store: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self.settings = s = config.outbox
+        # Tells the diagnosis engine whether the store answers: (url, error or None).
+        self._report_store = report_store
         self.url = store_url(s, environ)
         self.enabled = (
             any(op.fallback == "queue" for op in config.operations.values())
@@ -200,9 +203,8 @@ class Outbox:
                 error=str(exc),
             )  # fmt: skip
             return
-        self.store_error = None
-        assert self.metrics is not None and self._forwarder is not None
-        self.metrics.store_up.set(1)
+        self._store_answers()
+        assert self._forwarder is not None
         self._log.event("outbox_opened", store=redact_url(self.url))
         self.worker = DeliveryWorker(
             self.store, self._forwarder, self.settings, wall=self._wall, rand=self._rand,
@@ -247,8 +249,7 @@ class Outbox:
         except StoreError as exc:
             self._store_failed(exc)
             return
-        self.store_error = None
-        self.metrics.store_up.set(1)
+        self._store_answers()
         for state, n in counts.items():
             self.counts[state.value] = n
             self.metrics.items.labels(state.value).set(n)
@@ -264,6 +265,15 @@ class Outbox:
         self.store_error = str(exc)
         if self.metrics is not None:
             self.metrics.store_up.set(0)
+        if self._report_store is not None:
+            self._report_store(self.url, self.store_error)
+
+    def _store_answers(self) -> None:
+        self.store_error = None
+        if self.metrics is not None:
+            self.metrics.store_up.set(1)
+        if self._report_store is not None:
+            self._report_store(self.url, None)
 
     def _settled(self, item: Item, result: str) -> None:
         if self.metrics is not None:
@@ -281,22 +291,6 @@ class Outbox:
             "error": self.store_error,
             "counts": dict(self.counts),
             "oldest_queued_age_seconds": round(self.oldest_age, 3),
-        }
-
-    def diagnosis(self) -> dict[str, Any] | None:
-        """A diagnosis-shaped entry while the store is unreachable, else None."""
-        if not self.enabled or (self.store is not None and self.store_error is None):
-            return None
-        return {
-            "kind": "outbox_store_unreachable",
-            "severity": "critical",
-            "summary": "The outbox store does not answer: writes to fallback: queue operations "
-            "are not queued (the app gets the normal failure answer) and nothing is delivered.",
-            "evidence": {"store": redact_url(self.url), "error": self.store_error},
-            "action": "Check the store: the SQLite file's volume (space, permissions) or the "
-            "Redis server. The sidecar keeps trying and resumes by itself.",
-            "raised_at": None,
-            "cleared_at": None,
         }
 
     async def api(self, method: str, path: str, query: str) -> tuple[int, dict[str, Any]]:
