@@ -189,7 +189,7 @@ def test_bad_values_are_refused_by_the_schema(values: dict[str, Any], message: s
 
 def test_keys_without_client_token_fail_to_render() -> None:
     """Held keys without a client token fail at render: the sidecar would refuse to start."""
-    with pytest.raises(helm.HelmError, match="clientToken.existingSecret"):
+    with pytest.raises(helm.HelmError, match=r"clientToken\.existingSecret"):
         render(CHART, {"keys": {"existingSecret": "stripe-keys", "secretKey": "k"}})
 
 
