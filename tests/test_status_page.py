@@ -72,3 +72,31 @@ async def test_status_page_names_the_active_diagnosis_in_chromium(
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     keep = Path("/tmp/stripe-sidecar-status.png")
     keep.write_bytes(data)  # for a person to look at after the run
+
+
+async def test_status_page_shows_the_outbox_in_chromium(make_sidecar: Any, tmp_path: Path) -> None:
+    """With a queue operation in an outage, the page's Outbox table counts the queued write and the store is up."""
+    async with start_simulator(profile="outage") as sim:
+        sidecar = await make_sidecar(
+            sim.url,
+            retry={"max_attempts": 1},
+            operations={"POST /v1/customers": {"fallback": "queue"}},
+            outbox={"store": f"sqlite:///{tmp_path}/outbox.db", "poll_interval": 0.05},
+        )
+        async with aiohttp.ClientSession() as s:
+            headers = {"Authorization": "Bearer sk_test_statuspage00000000"}
+            async with s.post(sidecar.url + "/v1/customers", data={"email": "a@example.com"}, headers=headers) as r:
+                assert r.status == 202
+            deadline = time.monotonic() + 5
+            while True:  # the gauges and counts refresh every poll_interval
+                async with s.get(sidecar.url + "/diagnosis") as r:
+                    counts = (await r.json())["outbox"]["counts"]
+                if counts["queued"] + counts["delivering"] == 1:
+                    break
+                assert time.monotonic() < deadline, counts
+                await asyncio.sleep(0.05)
+        dom = await _chromium("--virtual-time-budget=3000", "--dump-dom", sidecar.url + "/status")
+    assert "<h2>Outbox</h2>" in dom
+    assert 'data-state="queued">1<' in dom or 'data-state="delivering">1<' in dom
+    assert "up · sqlite:///" in dom
+    assert "sk_test_statuspage" not in dom
