@@ -1,6 +1,7 @@
 # stripe-sidecar container image: build with `docker build -t stripe-sidecar .`
 # Runs as a non-root user, on a read-only root filesystem if you like: the only writable path is
-# the outbox store's volume (/var/lib/stripe-sidecar). Configured by environment variables (see
+# the state volume (/var/lib/stripe-sidecar), where the outbox keeps its SQLite store (opened
+# only when an operation has `fallback: queue`). Configured by environment variables (see
 # README "Running it for real"); a config file is optional: mount it and point
 # STRIPE_SIDECAR_CONFIG at it, e.g. /etc/stripe-sidecar/sidecar.yaml.
 # tests/test_image.py lints this file with hadolint and runs what the image runs.
@@ -28,7 +29,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     STRIPE_SIDECAR_LISTEN=0.0.0.0:8080 \
-    STRIPE_SIDECAR_OUTBOX_STORE=sqlite:////var/lib/stripe-sidecar/outbox.db
+    STRIPE_SIDECAR_STATE_DIR=/var/lib/stripe-sidecar
 USER 10001:10001
 WORKDIR /var/lib/stripe-sidecar
 VOLUME ["/var/lib/stripe-sidecar"]

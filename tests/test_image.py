@@ -66,7 +66,9 @@ def test_image_shape() -> None:
     assert final.last("EXPOSE") == "8080"
     env = final.env("/usr/local/bin")
     assert env["STRIPE_SIDECAR_LISTEN"] == "0.0.0.0:8080"
-    assert env["STRIPE_SIDECAR_OUTBOX_STORE"].startswith(f"sqlite:///{STORE_IN_IMAGE}/")
+    # The outbox's default store is $STRIPE_SIDECAR_STATE_DIR/outbox.db: on the volume.
+    assert env["STRIPE_SIDECAR_STATE_DIR"] == STORE_IN_IMAGE
+    assert "STRIPE_SIDECAR_OUTBOX_STORE" not in env  # naming a store would open it always
     # Only the venv comes from the builder (no wheels dir, no compiler, no pip cache).
     assert final.all("COPY") == [f"--from=builder {VENV_IN_IMAGE} {VENV_IN_IMAGE}"]
     assert "curl" not in " ".join(final.exec_form("HEALTHCHECK"))
@@ -216,13 +218,28 @@ async def _until(url: str, status: int, proc: subprocess.Popen[bytes], log: Path
         await asyncio.sleep(0.05)
 
 
+async def _until_metric(url: str, line: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 10
+    while line not in (await asyncio.to_thread(_get, url))[1].decode():
+        assert proc.poll() is None, f"the entrypoint exited {proc.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"{url} never showed {line!r}:\n{log.read_text()}"
+        await asyncio.sleep(0.05)
+
+
 async def test_entrypoint_as_non_root_serves_health(fresh_venv: Path) -> None:
-    """The image's entrypoint, run from the fresh venv as a non-root user with the image's ENV,
-    serves /health, passes its HEALTHCHECK, forwards to the simulator and stops on SIGTERM."""
+    """The image's entrypoint, run from the fresh venv as a non-root user with the image's ENV and
+    a mounted config, serves /health, passes its HEALTHCHECK, keeps its outbox store in the state
+    volume, forwards to the simulator and stops on SIGTERM."""
     _, final = _stages()
     store = Path(tempfile.mkdtemp(prefix="sidecar-store-"))
     if os.geteuid() == 0:
         os.chown(store, NOBODY, NOBODY)
+    # The optional mounted config file (root's, read-only to the sidecar): one operation queues
+    # in the outbox, so its store opens in the image's state volume.
+    etc = Path(tempfile.mkdtemp(prefix="sidecar-etc-"))
+    etc.chmod(0o755)
+    (etc / "sidecar.yaml").write_text('operations:\n  "POST /v1/customers": {fallback: queue}\n')
+    (etc / "sidecar.yaml").chmod(0o644)
     try:
         image_env = final.env(f"{VENV_IN_IMAGE}/bin:/usr/local/bin:/usr/bin:/bin")
         env = {
@@ -233,6 +250,7 @@ async def test_entrypoint_as_non_root_serves_health(fresh_venv: Path) -> None:
         host, _, image_port = env["STRIPE_SIDECAR_LISTEN"].rpartition(":")
         assert (host, image_port) == ("0.0.0.0", "8080")
         env["STRIPE_SIDECAR_LISTEN"] = f"{host}:{port}"  # the image's host; a free port here
+        env["STRIPE_SIDECAR_CONFIG"] = str(etc / "sidecar.yaml")
         argv = final.exec_form("ENTRYPOINT") + final.exec_form("CMD")
         program = shutil.which(argv[0], path=env["PATH"])
         assert program == str(fresh_venv / "bin" / argv[0]), program
@@ -256,6 +274,10 @@ async def test_entrypoint_as_non_root_serves_health(fresh_venv: Path) -> None:
                     subprocess.run, health, env=env, preexec_fn=_as_nobody(), capture_output=True, timeout=10
                 )
                 assert check.returncode == 0, check.stderr
+                await _until_metric(f"{base}/metrics", "stripe_sidecar_outbox_store_up 1.0", proc, log)
+                outbox = store / "outbox.db"
+                assert outbox.is_file(), "the outbox store is not in the state volume"
+                assert os.geteuid() != 0 or outbox.stat().st_uid == NOBODY
                 request = urllib.request.Request(
                     f"{base}/v1/balance", headers={"Authorization": "Bearer sk_test_image"}
                 )
@@ -276,3 +298,4 @@ async def test_entrypoint_as_non_root_serves_health(fresh_venv: Path) -> None:
                     proc.wait()
     finally:
         shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(etc, ignore_errors=True)

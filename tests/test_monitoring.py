@@ -35,6 +35,10 @@ CHARGE = (
     b"POST /v1/charges HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk_test_x\r\n"
     b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 11\r\n\r\namount=2000"
 )
+CUSTOMER = (
+    b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk_test_x\r\n"
+    b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 21\r\n\r\nemail=a%40example.com"
+)
 BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\nContent-Length: 17\r\n\r\n"
     b"<h1>overload</h1>"
@@ -131,7 +135,7 @@ async def _poll(what: str, check: Callable[[], Any], proc: subprocess.Popen[byte
 
 
 def _upstream(r: Received) -> bytes:
-    """Balance reads succeed; charges always meet a busy Stripe (503, retryable)."""
+    """Balance reads succeed; writes always meet a busy Stripe (503, retryable)."""
     if r.method == "GET":
         return json_answer(200, b'{"object":"balance","available":[]}')
     return BUSY
@@ -142,9 +146,9 @@ async def _no_wait(delay: float) -> None:
 
 
 async def test_prometheus_scrapes_every_metric_rules_and_dashboard_use(raw_upstream: Any, make_sidecar: Any, tmp_path: Path) -> None:
-    """A real Prometheus scraping a sidecar that saw successes, retries, a spent retry budget and
-    an open breaker has every metric the rules and the dashboard name; each dashboard query runs
-    and each rule evaluates without error."""
+    """A real Prometheus scraping a sidecar that saw successes, retries, a spent retry budget, an
+    open breaker and a write queued in its outbox has every metric the rules and the dashboard
+    name; each dashboard query runs and each rule evaluates without error."""
     up = await raw_upstream(_upstream)
     sc = await make_sidecar(
         up.url,
@@ -154,11 +158,16 @@ async def test_prometheus_scrapes_every_metric_rules_and_dashboard_use(raw_upstr
         # fourth charge): fail-fast answers follow.
         retry={"max_attempts": 2, "budget_ratio": 0.2, "budget_min_per_second": 0.0},
         breaker={"consecutive_failures": 6, "min_calls": 100},
+        # Customer creations that cannot reach Stripe wait in the outbox (answered 202), and its
+        # worker's delivery rounds meet the busy Stripe again.
+        operations={"POST /v1/customers": {"fallback": "queue"}},
+        outbox={"store": f"sqlite:///{tmp_path / 'outbox.db'}", "poll_interval": 0.1, "backoff_base": 0.1},
     )
     for _ in range(3):
         assert (await exchange(sc.port, BALANCE))[0][0].status == 200
     statuses = [(await exchange(sc.port, CHARGE))[0][0].status for _ in range(8)]
     assert statuses == [503] * 8
+    assert (await exchange(sc.port, CUSTOMER))[0][0].status == 202
 
     port = _free_port()
     (tmp_path / "prometheus.yml").write_text(
