@@ -149,6 +149,11 @@ def _add_demo(sub: Any) -> None:
         action="store_true",
         help="skip the fourth phase (the primary API key revoked mid-run; about 3 s)",
     )
+    demo.add_argument(
+        "--skip-outbox",
+        action="store_true",
+        help="skip the fifth phase (payments queued during an outage, then delivered; about 6 s)",
+    )
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -235,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     outage=not args.skip_outage,
                     rate_limit=not args.skip_rate_limit,
                     key_failover=not args.skip_key_failover,
+                    outbox=not args.skip_outbox,
                 )
             )
     except ConfigError as exc:

@@ -1060,9 +1060,9 @@ async def rate_limit_push(plan: RateLimitPlan = RateLimitPlan(), *,
 
 async def run_demo(*, requests: int = 600, concurrency: int = 20, profile: str = "bad_day",
                    seed: int = 7, outage: bool = True, rate_limit: bool = True,
-                   key_failover: bool = True) -> int:
-    """Run the comparison, then the outage, rate-limit and key-failover phases (each can be
-    left out).
+                   key_failover: bool = True, outbox: bool = True) -> int:
+    """Run the comparison, then the outage, rate-limit, key-failover and outbox phases (each
+    can be left out).
 
     Everything is printed on stdout; returns the exit status.
 
@@ -1106,5 +1106,19 @@ async def run_demo(*, requests: int = 600, concurrency: int = 20, profile: str =
         sys.stdout.write("\n" + key_phase_intro(plan))
         keys = await key_failover_phase(plan, out=sys.stdout)
         sys.stdout.write("\n" + render_key_phase(keys))
+        sys.stdout.flush()
+    if outbox:
+        from proxy.demo_outbox import (
+            OutboxPhasePlan,
+            outbox_phase,
+            outbox_phase_intro,
+            render_outbox_phase,
+        )
+
+        outbox_plan = OutboxPhasePlan()
+        sys.stdout.write("\n" + outbox_phase_intro(outbox_plan))
+        sys.stdout.flush()
+        queued = await outbox_phase(outbox_plan)
+        sys.stdout.write(render_outbox_phase(queued))
         sys.stdout.flush()
     return 0

@@ -250,7 +250,7 @@ async def test_demo_prints_the_table_with_consistent_numbers(
 ) -> None:
     """run_demo prints every row; each column adds up and the sidecar charges nobody twice."""
     status = await run_demo(requests=120, concurrency=10, profile="bad_day", seed=7, outage=False,
-                            rate_limit=False, key_failover=False)
+                            rate_limit=False, key_failover=False, outbox=False)
     out, err = capsys.readouterr()
     assert status == 0
     rows = table(out)
@@ -332,7 +332,7 @@ async def test_run_demo_prints_the_outage_phase_and_exits_zero_on_a_miss(
 
     monkeypatch.setattr(proxy.demo, "outage_drill", drill)
     status = await run_demo(requests=20, concurrency=5, profile="none", seed=7, rate_limit=False,
-                            key_failover=False)
+                            key_failover=False, outbox=False)
     out = capsys.readouterr().out
     assert status == 0
     assert out.index("through sidecar") < out.index("Outage:")
@@ -352,7 +352,7 @@ def test_cli_demo_exits_zero() -> None:
     exits 0 (each phase has its own test above)."""
     done = subprocess.run(
         [sys.executable, "-m", "proxy", "demo", "--requests", "40", "--skip-outage",
-         "--skip-rate-limit", "--skip-key-failover"],
+         "--skip-rate-limit", "--skip-key-failover", "--skip-outbox"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -365,6 +365,7 @@ def test_cli_demo_exits_zero() -> None:
     assert "Outage:" not in done.stdout
     assert "Rate limit:" not in done.stdout
     assert "key_failover" not in done.stdout
+    assert "Outbox:" not in done.stdout
 
 
 async def test_key_failover_phase_shows_the_failover_with_no_app_failure() -> None:
@@ -416,3 +417,27 @@ async def test_rate_limit_phase_learns_the_limit_through_the_sidecar() -> None:
     assert report.throughput(report.sidecar) >= 0.8 * report.plan.limit, report.sidecar
     assert report.sidecar.refused_by_sidecar > 0
     assert report.direct.refused_by_sidecar == 0
+
+
+async def test_outbox_phase_queues_every_payment_and_performs_each_once() -> None:
+    """Payments sent during the outage are all answered 202 and, afterwards, each performed once."""
+    from proxy.demo_outbox import OutboxPhasePlan, outbox_phase, render_outbox_phase
+
+    report = await outbox_phase(OutboxPhasePlan(payments=30, outage=1.5, settle=20.0))
+    assert report.queued == 30 and report.statuses == {202: 30}
+    assert report.performed == 30 and report.duplicates == 0 and report.lost == 0
+    assert report.counts["delivered"] == 30
+    text = render_outbox_phase(report)
+    assert "MISSED" not in text and "answered 202 (queued)" in text
+
+
+def test_outbox_phase_table_marks_a_duplicate_missed() -> None:
+    """A payment performed twice or one never performed is marked MISSED."""
+    from proxy.demo_outbox import OutboxPhasePlan, OutboxPhaseReport, render_outbox_phase
+
+    report = OutboxPhaseReport(OutboxPhasePlan(payments=3), statuses={202: 3}, performed=3,
+                               duplicates=1, counts={"delivered": 3})
+    text = render_outbox_phase(report)
+    assert "performed twice (target 0)" in text and text.count("MISSED") == 1
+    report.lost, report.duplicates = 1, 0
+    assert render_outbox_phase(report).count("MISSED") == 1
