@@ -265,3 +265,46 @@ async def test_cli_lists_shows_and_drops(make_sidecar, tmp_path, capsys):
         capsys.readouterr()
         assert await asyncio.to_thread(main, ["outbox", "retry", item, "--url", sc.url]) == 1
         assert "No outbox item" in capsys.readouterr().err
+
+
+async def test_callback_gets_each_final_result_retried_after_a_failure(make_sidecar, tmp_path):
+    """outbox.callback_url is POSTed each final result; a 500 from it is retried; no secret in it."""
+    from aiohttp import web
+
+    received: list[dict[str, Any]] = []
+    calls = {"n": 0}
+
+    async def hook(request: web.Request) -> web.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return web.Response(status=500)  # the first try fails: it must come again
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with start_simulator(profile="outage") as sim:
+            sc = await make_sidecar(sim.url, **_sections(tmp_path, callback_url=f"http://127.0.0.1:{port}/hook"))
+            sc.outbox.callback._sleep = lambda _s: asyncio.sleep(0)  # no backoff wait in the test
+            async with aiohttp.ClientSession() as s:
+                _, _, body = await _post(s, sc.url, "/v1/customers", {"email": "cb@example.com"})
+                sim.set_profile("none")
+                await _all_final(s, sc.url, 1)
+            deadline = time.monotonic() + 5
+            while not received:
+                assert time.monotonic() < deadline, "the callback never arrived"
+                await asyncio.sleep(0.02)
+    finally:
+        await runner.cleanup()
+    (event,) = received
+    assert calls["n"] == 2
+    assert event["event"] == "outbox_item_final"
+    assert event["item"]["id"] == body["id"] and event["item"]["state"] == "delivered"
+    assert event["item"]["result"]["body"]["object"] == "customer"
+    assert KEY not in json.dumps(event)
