@@ -251,3 +251,43 @@ def test_ratelimit_ceilings_are_off_by_default_and_checked() -> None:
     assert "ratelimit.decrease_factor: 1.0 must be below 1" in text
     assert "unknown key: ratelimit.recover_share_per_second" in text
     assert "operations.POST /v1/files.limits.endpoint_burst: 0.5 is below 1 request" in text
+
+
+def test_outbox_settings_and_fallback_are_checked_with_key_paths():
+    """fallback and the outbox section: every problem named by its key path, secrets never echoed."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({
+            "operations": {
+                "GET /v1/customers": {"fallback": "queue"},
+                "POST /oauth/token": {"fallback": "queue"},
+                "POST /v1/refunds": {"fallback": "later"},
+            },
+            "outbox": {"store": "mysql://u:hunter2@db/x", "lease": 5, "safety_margin": 90000,
+                       "backoff_base": 90, "callback_url": "ftp://x", "batchh": 3},
+        })
+    problems = info.value.problems
+    assert "operations.GET /v1/customers.fallback: queue is for POST operations only (a write made safe to send later by its Idempotency-Key)" in problems
+    assert any(p.startswith("operations.POST /oauth/token.fallback: connect.stripe.com takes no Idempotency-Key") for p in problems)
+    assert "operations.POST /v1/refunds.fallback: 'later' is not one of 'fail', 'queue'" in problems
+    assert "outbox.store: not a sqlite:///PATH or redis://HOST:PORT/DB URL" in problems
+    assert any(p.startswith("outbox.lease: 5.0 must outlast a delivery's retries") for p in problems)
+    assert "outbox.safety_margin: 90000.0 leaves nothing of the idempotency window" in problems
+    assert "outbox.backoff_base: 90.0 exceeds backoff_max" in problems
+    assert "outbox.callback_url: not an http(s) URL" in problems
+    assert "unknown key: outbox.batchh (did you mean batch?)" in problems
+    assert not any("hunter2" in p for p in problems)
+
+
+def test_queue_fallback_and_the_store_from_the_environment():
+    """fallback: queue is read per operation; STRIPE_SIDECAR_OUTBOX_STORE overrides, checked."""
+    config = config_from_dict({"operations": {"POST /v1/customers": {"fallback": "queue"}}})
+    assert config.for_operation("POST /v1/customers").fallback == "queue"
+    assert config.for_operation("POST /v1/refunds").fallback == "fail"
+    assert config.outbox.lease == 60.0  # the lease check passes with the defaults
+    moved = with_overrides(config, listen=None, upstream=None, outbox_store="redis://r:6379/0")
+    assert moved.outbox.store == "redis://r:6379/0"
+    with pytest.raises(ConfigError) as info:
+        with_overrides(config, listen=None, upstream=None, outbox_store="sqlite://host/x")
+    assert info.value.problems == [
+        "STRIPE_SIDECAR_OUTBOX_STORE: a SQLite store is sqlite:///relative/path or sqlite:////absolute/path"
+    ]

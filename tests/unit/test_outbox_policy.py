@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 
+from proxy.classify import TransportError, classify_response, classify_transport_error
 from proxy.outbox.capture import DeliveryConnection, _dechunk
 from proxy.outbox.policy import (
     Answer,
@@ -16,6 +20,7 @@ from proxy.outbox.policy import (
 )
 from proxy.outbox.service import public_item
 from proxy.outbox.store import Item, Result, State, redact_url
+from proxy.outbox.worker import round_answer
 
 S = OutboxSettings()
 T0 = 1_800_000_000.0
@@ -136,3 +141,25 @@ def test_delivery_connection_collects_a_chunked_answer() -> None:
     head, body = conn.answer()
     assert head.startswith(b"HTTP/1.1 200") and body == b"hello world"
     assert _dechunk(b"zz\r\n") == b""
+
+
+def _call(attempt: int, outcome: str, status: int, verdict: Any) -> Any:
+    return SimpleNamespace(attempt=attempt, outcome=outcome, status=status, verdict=verdict)
+
+
+def test_round_answer_reads_the_finished_call() -> None:
+    """Refused: not sent; 2xx: success; retryable: retryable; Stripe's final error: terminal."""
+    ok = classify_response(200, None, None, None)
+    saved_500 = classify_response(500, "false", None, b'{"error":{"type":"api_error"}}')
+    gateway = classify_response(503, None, None, b"<html>")
+    declined = classify_response(402, None, None, b'{"error":{"code":"card_declined"}}')
+    assert round_answer(_call(0, "circuit_open", 503, ok)) == (Answer.NOT_SENT, "circuit_open")
+    assert round_answer(_call(1, "success", 200, ok)) == (Answer.SUCCESS, "200")
+    assert round_answer(_call(3, "gateway_error", 503, gateway)) == (Answer.RETRYABLE, "503 gateway_error")
+    assert round_answer(_call(1, "card_declined", 402, declined)) == (Answer.TERMINAL, "402 card_declined")
+    # A 500 Stripe saved under the key replays forever: final, never another round.
+    assert round_answer(_call(1, "server_error", 500, saved_500))[0] is Answer.TERMINAL
+    # The sidecar's own end (shutdown, a bug) after sending: another round, the key keeps it safe.
+    assert round_answer(_call(1, "shutting_down", 503, gateway))[0] is Answer.RETRYABLE
+    local = classify_transport_error(TransportError.LOCAL_RESOURCES)
+    assert round_answer(_call(1, "local_resources", 503, local))[0] is Answer.NOT_SENT
