@@ -33,6 +33,7 @@ from proxy.outbox.service import Outbox
 from proxy.records import Observer
 from proxy.replies import reason_phrase
 from proxy.server import Request, Server, ShutdownReport
+from proxy.sharedlimit import SharedLimit, identity_of
 from proxy.status import DiagnosisSurfaces, status_page
 
 __all__ = ["EXIT_UNFINISHED", "Sidecar", "serve"]
@@ -112,6 +113,7 @@ class Sidecar:
         self.deadlines = Deadlines(clock, _sweep_resolution(config))
         self._evaluator: asyncio.TimerHandle | None = None
         self.notifier: Notifier | None = None
+        self.shared_limit: SharedLimit | None = None
         self.diagnosis = DiagnosisEngine(config.diagnosis, clock=clock)
         self._surfaces = DiagnosisSurfaces(
             self.diagnosis, registry=self.registry, log=self.log, set_header=self._set_diagnosis
@@ -172,6 +174,7 @@ class Sidecar:
             self.log.event("config_warning", "warning", message=warning)
         self._start_diagnosis()
         self._start_keys_and_healing()
+        self._start_shared_limit()
         self.log.event(
             "started",
             version=__version__,
@@ -221,6 +224,34 @@ class Sidecar:
             "and queued writes wait",
         )  # fmt: skip
 
+    def _start_shared_limit(self) -> None:
+        fw = self.forwarder
+        assert fw is not None
+        url = self.config.ratelimit.shared
+        if url is None or fw.limiter is None:
+            return
+        self.shared_limit = SharedLimit(
+            url, fw.limiter, identity=self.fleet_identity, engine=self.diagnosis, log=self.log,
+            registry=self.registry, interval=self.config.ratelimit.shared_interval,
+            clock=self._clock,
+        )  # fmt: skip
+        self.shared_limit.start()
+
+    def fleet_identity(self) -> str | None:
+        """Which account's shared limiter state this sidecar joins (never the key itself).
+
+        Held keys: the account id their check found (else a digest of the active key). The
+        app's own key: a digest of it, from its requests. None before any request.
+        """
+        if self.keys is not None:
+            if self.keys.account is not None:
+                return "acct-" + self.keys.account
+            return identity_of(b"Bearer " + self.keys.active.secret.encode())
+        fw = self.forwarder
+        if fw is None or fw.fleet_auth is None:
+            return None
+        return identity_of(fw.fleet_auth)
+
     def _key_failover(self, used: HeldKey, target: HeldKey, operation: str) -> None:
         if self.keeper is not None:
             self.keeper.failed_over(used, target, operation)
@@ -264,6 +295,8 @@ class Sidecar:
         if self.notifier is not None:
             await self.notifier.stop()
         await self.outbox.stop()
+        if self.shared_limit is not None:
+            await self.shared_limit.stop()
         if self.forwarder is not None:
             self.forwarder.close()
         if self._flusher is not None:
@@ -359,6 +392,9 @@ class Sidecar:
             breakers = {s: b.state.value for s, b in self.forwarder.breakers().items()}
         report = self.diagnosis.report(breakers)
         report["enabled"] = self.config.diagnosis.enabled
+        if self.forwarder is not None and self.forwarder.limiter is not None:
+            shared = self.shared_limit.status() if self.shared_limit is not None else None
+            report["ratelimit"] = {"scopes": self.forwarder.limiter.state(), "shared": shared}
         report["upstream_breaker"] = breakers.get("upstream", "closed")
         report["outbox"] = self.outbox.summary()
         return report

@@ -163,6 +163,7 @@ def _load(args: argparse.Namespace) -> Config:
         listen=args.listen,
         upstream=args.upstream,
         outbox_store=os.environ.get("STRIPE_SIDECAR_OUTBOX_STORE"),
+        ratelimit_shared=os.environ.get("STRIPE_SIDECAR_RATELIMIT_SHARED"),
     )
 
 

@@ -242,6 +242,7 @@ _POSITIVE = {
     "retention",
     "callback_timeout",
     "callback_attempts",
+    "shared_interval",
 }
 _RATIO = {
     "failure_rate", "decrease_factor", "min_429_share", "ratio", "clear_ratio", "tighten_factor"
@@ -480,8 +481,33 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             )
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a Redis URL (``redis://host:6379/0``, ``rediss://``, ``unix://``)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError as exc:
+        return f"is not a URL ({exc})"
+    if parts.scheme not in _REDIS_SCHEMES:
+        return "is not a redis://, rediss:// or unix:// URL"
+    if parts.scheme != "unix" and not parts.hostname:
+        return "names no host (redis://HOST:6379/0)"
+    if parts.scheme == "unix" and not parts.path:
+        return "names no socket path (unix:///path/redis.sock)"
+    return None
+
+
 def _ratelimit_checks(config: Config, problems: list[str]) -> None:
     rl = config.ratelimit
+    if rl.shared is not None:
+        problem = redis_url_problem(rl.shared)
+        if problem is not None:  # the URL is not echoed: it may hold a password
+            problems.append(f"ratelimit.shared: {problem}")
+        elif not rl.enabled:
+            problems.append("ratelimit.shared: set, but ratelimit.enabled is false")
     if rl.decrease_factor >= 1:
         problems.append(f"ratelimit.decrease_factor: {rl.decrease_factor} must be below 1")
     pairs = [("ratelimit.global", rl.global_rate, rl.global_burst)]
@@ -656,6 +682,7 @@ def with_overrides(
     listen: str | None,
     upstream: str | None,
     outbox_store: str | None = None,
+    ratelimit_shared: str | None = None,
 ) -> Config:
     """Apply command-line / environment settings on top of a loaded config, validated."""
     server = config.server
@@ -672,6 +699,9 @@ def with_overrides(
     if upstream is not None:
         up = dataclasses.replace(up, override=upstream)
     config = dataclasses.replace(config, server=server, upstream=up)
+    if ratelimit_shared:
+        rl = dataclasses.replace(config.ratelimit, shared=ratelimit_shared)
+        config = dataclasses.replace(config, ratelimit=rl)
     problems: list[str] = []
     _cross_checks(config, problems)
     if problems:

@@ -240,6 +240,10 @@ class Forwarder:
         )
         self._host_breaker = self.host_breaker if config.host_breaker.enabled else None
         self.limiter = RateLimiter(config.ratelimit, clock) if config.ratelimit.enabled else None
+        # With a fleet-shared limiter: the app's Authorization, from its first request and its
+        # latest rate-limited one, names the account whose state is shared (never stored).
+        self.fleet_auth: bytes | None = None
+        self._learn_auth = self.limiter is not None and config.ratelimit.shared is not None
         r = config.retry
         self.budget = RetryBudget(r.budget_ratio, r.budget_min_per_second, r.budget_window, clock)
         b = config.bulkhead
@@ -376,6 +380,9 @@ class Forwarder:
             if sent is None or not hmac.compare_digest(sent, self.keys.client_auth):
                 return "client_token_required"
         self.budget.record_request()
+        if self._learn_auth and call.req.authorization is not None:
+            self.fleet_auth = call.req.authorization
+            self._learn_auth = False
         if not permits.acquire():
             return "circuit_open"
         bulkhead = self.bulkhead
@@ -501,6 +508,8 @@ class Forwarder:
                 permits.record(call.verdict.upstream_failure, duration)
             if call.verdict.outcome is Outcome.RATE_LIMITED and self.limiter is not None:
                 assert call.resp is not None
+                if call.req.authorization is not None:
+                    self.fleet_auth = call.req.authorization
                 self.limiter.on_rate_limited(call.op.name, call.resp.rate_limited_reason)
             step = self._next_step(call, permits)
             if step.give_up is not None:

@@ -31,8 +31,11 @@ scheduled at the old rate have gone (a burst of in-flight 429s cuts once); reser
 scheduled ahead like Go's ``rate.Limiter.Reserve`` instead of blocking; and a quiet scope goes
 dormant instead of staying enabled for the life of the process.
 
-All state per scope is a handful of numbers (:meth:`RateLimiter.state`), so a fleet-wide
-limiter can later keep it in a shared store.
+All state per scope is a handful of numbers (:meth:`RateLimiter.state`). A fleet shares it
+through ``proxy.sharedlimit``: each cut is reported (``on_throttle``), and the fleet's cubic for
+a scope comes back (:meth:`RateLimiter.apply_shared`) with this sidecar's ``weight``, its
+fraction of the fleet's rate. The cubic is then kept in fleet units (requests/s of the whole
+fleet) and the scope's rate is ``weight`` times it; alone, ``weight`` is 1.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GLOBAL_SCOPE", "RateLimitSettings", "RateLimiter", "wait_for_slot"]
+__all__ = ["GLOBAL_SCOPE", "RateLimitSettings", "RateLimiter", "SharedState", "wait_for_slot"]
 
 GLOBAL_SCOPE = "global"
 
@@ -78,6 +81,26 @@ class RateLimitSettings:
     global_burst: float | None = None  # None: one second of global_rate
     endpoint_rate: float | None = None
     endpoint_burst: float | None = None  # None: one second of endpoint_rate
+    # Fleet: a redis:// URL where every sidecar of the account shares the adaptive state
+    # (proxy.sharedlimit), and how often each one syncs with it (seconds). None: alone.
+    shared: str | None = None
+    shared_interval: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """A scope's cubic as the fleet shares it, on this sidecar's clock, and this one's weight.
+
+    ``w_max``, ``k`` and ``start`` are the fleet's cubic (fleet units: requests/s of every
+    sidecar together); ``weight`` is this sidecar's fraction of it, in (0, 1].
+    """
+
+    w_max: float
+    k: float
+    start: float
+    hold_until: float
+    last_throttle: float
+    weight: float
 
 
 _GLOBAL_REASONS = frozenset({"global-rate", "global-concurrency"})
@@ -145,14 +168,18 @@ class _Scope:
         "pending",
         "rate",
         "rate_cubic",
+        "refused",
         "sent",
         "tokens",
+        "weight",
     )
 
     def __init__(self, now: float, ceiling: float | None, ceiling_burst: float | None) -> None:
         sl = int(now // _SLICE)
         self.sent = [0] * _SLICES
         self.limited = [0] * _SLICES
+        self.refused = [0] * _SLICES  # reservations refused (would wait over max_wait)
+        self.weight = 1.0  # this sidecar's fraction of a fleet-shared rate (1: not shared)
         self.idx = sl % _SLICES
         self.edge = (sl + 1) * _SLICE
         self.first = now
@@ -183,6 +210,7 @@ class _Scope:
             i = (self.idx + k) % _SLICES
             self.sent[i] = 0
             self.limited[i] = 0
+            self.refused[i] = 0
         self.idx = sl % _SLICES
         self.edge = (sl + 1) * _SLICE
 
@@ -194,6 +222,13 @@ class _Scope:
         while pending and pending[0] <= now:
             pending.popleft()
             self.sent[self.idx] += 1
+
+    def demand(self, now: float) -> float:
+        """Requests/s the app asked of this scope over the last second (sent, queued, refused)."""
+        self.catch_up(now)
+        asked = sum(self.sent) + len(self.pending) + sum(self.refused)
+        span = min(_SLICES * _SLICE, now - self.first)
+        return asked / (span if span > _SLICE else _SLICE)
 
     def share_limited(self) -> float:
         """Share of the last second's requests that were rate limited (``catch_up`` first)."""
@@ -223,7 +258,17 @@ class _Scope:
 class RateLimiter:
     """Per-scope adaptive limits: the account (``"global"``) and each operation."""
 
-    __slots__ = ("_beta", "_c", "_clock", "_enabled", "_global", "_max_wait", "_scopes", "settings")
+    __slots__ = (
+        "_beta",
+        "_c",
+        "_clock",
+        "_enabled",
+        "_global",
+        "_max_wait",
+        "_scopes",
+        "on_throttle",
+        "settings",
+    )
 
     def __init__(self, settings: RateLimitSettings, clock: Callable[[], float]) -> None:
         for name in ("global_rate", "endpoint_rate"):
@@ -244,6 +289,9 @@ class RateLimiter:
         self._c = settings.scale_constant
         self._global = _Scope(clock(), settings.global_rate, settings.global_burst)
         self._scopes: dict[str, _Scope] = {}
+        # Told of every cut of a scope's rate: (scope, the rate Stripe accepted from this
+        # sidecar just before, requests/s). A fleet reports it to the shared state.
+        self.on_throttle: Callable[[str, float], None] | None = None
 
     def _scope(self, endpoint: str, now: float) -> _Scope:
         found = self._scopes.get(endpoint)
@@ -314,6 +362,8 @@ class RateLimiter:
     ) -> float | None:
         wait = self._wait(g, e, now)
         if wait > self._max_wait + waiting_anyway:
+            g.refused[g.idx] += 1
+            e.refused[e.idx] += 1
             return None
         for s in (g, e):
             if s.limiting:
@@ -336,13 +386,14 @@ class RateLimiter:
             return
         if now - cubic.last_throttle >= self.settings.quiet_period:
             cubic.active = False
+            s.weight = 1.0
             s.limiting = s.ceiling is not None
             s.rate = s.ceiling if s.ceiling is not None else _INF
             s.burst = s.ceiling_burst
             if s.tokens > s.burst:  # a ceiling's own burst applies again at once
                 s.tokens = s.burst
             return
-        self._set_rate(s, cubic.value(now, self._c))
+        self._set_rate(s, cubic.value(now, self._c) * s.weight)
 
     def _set_rate(self, s: _Scope, rate: float) -> None:
         floor = self.settings.min_rate
@@ -356,12 +407,13 @@ class RateLimiter:
         if s.tokens > s.burst:
             s.tokens = s.burst
 
-    def _throttle_rate(self, s: _Scope, now: float) -> None:
+    def _throttle_rate(self, s: _Scope, now: float) -> float | None:
+        """Cut ``s``'s rate; the rate Stripe accepted just before, or None (held: no cut)."""
         cubic = s.rate_cubic
         cubic.last_throttle = now
         if now < cubic.hold_until:
-            return
-        base = s.accepted_rate(now)
+            return None
+        accepted = base = s.accepted_rate(now)
         paced = s.rate  # the rate the queued requests were scheduled at
         if s.limiting:
             self._sync(s, now)
@@ -376,12 +428,13 @@ class RateLimiter:
         # seconds, so new ones queue right behind them at the new rate, with no gap. Their 429s
         # say nothing about the new rate: no further cut until they have gone.
         debt = -s.tokens / paced if s.tokens < 0.0 and s.limiting else 0.0
-        cubic.cut(base, now, self._beta, self._c)
+        cubic.cut(base / s.weight, now, self._beta, self._c)  # the cubic is in fleet units
         s.limiting = True
         self._set_rate(s, base * self._beta)
         if debt:
             s.tokens = -debt * s.rate
         cubic.hold_until = now + max(self.settings.decrease_interval, debt)
+        return accepted
 
     # -- concurrency -----------------------------------------------------------------------
     def acquire(self, endpoint: str) -> bool:
@@ -456,8 +509,57 @@ class RateLimiter:
             return  # noise, or an answer to a request scheduled before the last cut
         if concurrency:
             self._throttle_concurrency(s, now)
+            return
+        accepted = self._throttle_rate(s, now)
+        if accepted is not None and self.on_throttle is not None:
+            self.on_throttle(GLOBAL_SCOPE if s is self._global else endpoint, accepted)
+
+    # -- a fleet's shared state ------------------------------------------------------------
+    def apply_shared(self, scope: str, shared: SharedState) -> None:
+        """Take the fleet's cubic for ``scope`` (the account or an operation) and this weight.
+
+        The scope limits from now on at ``weight`` times the fleet's rate; it still goes
+        dormant once ``quiet_period`` passes with no 429 anywhere in the fleet.
+        """
+        if not self._enabled:
+            return
+        now = self._clock()
+        s = self._global if scope == GLOBAL_SCOPE else self._scope(scope, now)
+        if s.limiting:
+            self._sync(s, now)  # refill at the old rate up to now
         else:
-            self._throttle_rate(s, now)
+            s.last = now
+        cubic = s.rate_cubic
+        cubic.w_max, cubic.k, cubic.start = shared.w_max, shared.k, shared.start
+        cubic.active = True
+        cubic.hold_until = max(cubic.hold_until, shared.hold_until)
+        cubic.last_throttle = max(cubic.last_throttle, shared.last_throttle)
+        s.weight = shared.weight
+        s.limiting = True
+        self._sync(s, now)
+
+    def accepted(self, scope: str) -> float:
+        """Requests/s Stripe accepted from this sidecar in ``scope`` over the last second."""
+        now = self._clock()
+        s = self._global if scope == GLOBAL_SCOPE else self._scopes.get(scope)
+        return s.accepted_rate(now) if s is not None else 0.0
+
+    def demand(self, scope: str) -> float:
+        """Requests/s the app asked of ``scope`` over the last second (refused ones too)."""
+        now = self._clock()
+        s = self._global if scope == GLOBAL_SCOPE else self._scopes.get(scope)
+        return s.demand(now) if s is not None else 0.0
+
+    def adaptive_scopes(self) -> list[str]:
+        """The scopes whose rate adapts to 429s now (the ones a fleet shares)."""
+        now = self._clock()
+        out = []
+        for name, s in self._all():
+            if s.rate_cubic.active:
+                self._sync(s, now)
+                if s.rate_cubic.active:
+                    out.append(name)
+        return out
 
     # -- reporting -------------------------------------------------------------------------
     def _all(self) -> list[tuple[str, _Scope]]:
@@ -485,6 +587,8 @@ class RateLimiter:
             if not (s.limiting or s.concurrency.active):
                 continue
             entry: dict[str, Any] = {"adaptive": s.rate_cubic.active, "ceiling": s.ceiling}
+            if s.weight != 1.0:
+                entry["fleet_weight"] = round(s.weight, 4)
             if s.limiting:
                 entry["rate"] = round(s.rate, 3)
                 entry["tokens"] = round(s.tokens, 3)
