@@ -525,8 +525,10 @@ class RateLimiter:
             return
         now = self._clock()
         s = self._global if scope == GLOBAL_SCOPE else self._scope(scope, now)
+        paced = 0.0
         if s.limiting:
             self._sync(s, now)  # refill at the old rate up to now
+            paced = s.rate
         else:
             s.last = now
         cubic = s.rate_cubic
@@ -537,12 +539,20 @@ class RateLimiter:
         s.weight = shared.weight
         s.limiting = True
         self._sync(s, now)
+        if s.tokens < 0.0 and paced:
+            # Requests already scheduled keep their schedule: the debt is kept in seconds.
+            s.tokens = s.tokens / paced * s.rate
 
     def accepted(self, scope: str) -> float:
         """Requests/s Stripe accepted from this sidecar in ``scope`` over the last second."""
         now = self._clock()
         s = self._global if scope == GLOBAL_SCOPE else self._scopes.get(scope)
         return s.accepted_rate(now) if s is not None else 0.0
+
+    def weight(self, scope: str) -> float:
+        """This sidecar's fraction of the fleet's rate in ``scope`` (1 when not shared)."""
+        s = self._global if scope == GLOBAL_SCOPE else self._scopes.get(scope)
+        return s.weight if s is not None else 1.0
 
     def demand(self, scope: str) -> float:
         """Requests/s the app asked of ``scope`` over the last second (refused ones too)."""

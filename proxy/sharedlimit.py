@@ -82,7 +82,7 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local scope, replica, accepted = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local mode, event = ARGV[4], ARGV[5]
 local beta, c, hold = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local quiet, floor = tonumber(ARGV[9]), tonumber(ARGV[10])
+local quiet, floor, est = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local raw = redis.call('HGET', KEYS[1], scope)
 local s = nil
 if raw then s = cjson.decode(raw) end
@@ -99,8 +99,10 @@ if s and now < s.hold_until then
   if mode == 'cut' then s.last_throttle = now end
   if s.contrib[replica] == nil then
     s.contrib[replica] = accepted
+    if est > s.est then s.est = est end
     local sum = 0
     for _, v in pairs(s.contrib) do sum = sum + v end
+    if s.est > sum then sum = s.est end
     if s.cap > 0 and sum > s.cap then sum = s.cap end
     shape(s, sum)
   end
@@ -111,9 +113,10 @@ elseif mode == 'cut' then
     cap = c * d * d * d + s.w_max
     if cap < floor then cap = floor end
   end
-  local w = accepted
+  local w = est
+  if accepted > w then w = accepted end
   if cap > 0 and w > cap then w = cap end
-  s = {event = t[1] .. '.' .. t[2], contrib = {[replica] = accepted}, cap = cap,
+  s = {event = t[1] .. '.' .. t[2], contrib = {[replica] = accepted}, cap = cap, est = est,
        start = now, hold_until = now + hold, last_throttle = now}
   shape(s, w)
 else
@@ -345,10 +348,13 @@ class SharedLimit:
         self, keys: tuple[str, str], scope: str, accepted: float, mode: str, event: str
     ) -> dict[str, Any]:
         s = self.limiter.settings
+        # What the fleet's accepted rate was, seen from here: this replica's part of it over
+        # its share (right when the shares are current; the sum of the parts covers the rest).
+        estimate = accepted / self.limiter.weight(scope)
         raw = await self._throttle(
             keys=[keys[0]],
             args=[scope, self.replica, f"{accepted:.6f}", mode, event, s.decrease_factor,
-                  s.scale_constant, self._hold, s.quiet_period, s.min_rate],
+                  s.scale_constant, self._hold, s.quiet_period, s.min_rate, f"{estimate:.6f}"],
         )  # fmt: skip
         reply: dict[str, Any] = json.loads(raw)
         return reply

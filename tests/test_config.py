@@ -291,3 +291,36 @@ def test_queue_fallback_and_the_store_from_the_environment():
     assert info.value.problems == [
         "STRIPE_SIDECAR_OUTBOX_STORE: a SQLite store is sqlite:///relative/path or sqlite:////absolute/path"
     ]
+
+
+def test_ratelimit_shared_must_be_a_redis_url_and_is_never_echoed() -> None:
+    """ratelimit.shared: redis://, rediss:// or unix:// with a host or path; problems name the key path, not the URL (it may hold a password)."""
+    for url in ("redis://:pw@redis.internal:6379/0", "rediss://r:6380", "unix:///run/redis.sock"):
+        assert config_from_dict({"ratelimit": {"shared": url}}).ratelimit.shared == url
+    cases = {
+        "http://:s3cret@r:6379": "ratelimit.shared: is not a redis://, rediss:// or unix:// URL",
+        "redis://:s3cret@:6379/0": "ratelimit.shared: names no host (redis://HOST:6379/0)",
+        "redis://r:port/0": "ratelimit.shared: is not a URL (Port could not be cast to integer value as 'port')",
+        "unix://": "ratelimit.shared: names no socket path (unix:///path/redis.sock)",
+    }
+    for url, problem in cases.items():
+        with pytest.raises(ConfigError) as err:
+            config_from_dict({"ratelimit": {"shared": url}})
+        assert err.value.problems == [problem]
+        assert "s3cret" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"ratelimit": {"shared": "redis://r", "enabled": False}})
+    assert err.value.problems == ["ratelimit.shared: set, but ratelimit.enabled is false"]
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"ratelimit": {"shared_interval": 0}})
+    assert err.value.problems == ["ratelimit.shared_interval: 0 is not a positive number"]
+
+
+def test_ratelimit_shared_from_the_environment_is_validated() -> None:
+    """STRIPE_SIDECAR_RATELIMIT_SHARED (through with_overrides) sets ratelimit.shared, checked like the file's."""
+    config = with_overrides(Config(), listen=None, upstream=None, ratelimit_shared="redis://r:6379/0")
+    assert config.ratelimit.shared == "redis://r:6379/0"
+    assert with_overrides(Config(), listen=None, upstream=None, ratelimit_shared="").ratelimit.shared is None
+    with pytest.raises(ConfigError) as err:
+        with_overrides(Config(), listen=None, upstream=None, ratelimit_shared="r:6379")
+    assert err.value.problems == ["ratelimit.shared: is not a redis://, rediss:// or unix:// URL"]
