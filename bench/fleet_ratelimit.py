@@ -108,7 +108,8 @@ def report(label: str, args: argparse.Namespace, marks: list[dict[str, Any]], ru
         a, b = points[t], points[t + 1]
         reached = b["requests"] - a["requests"]
         lim = limited(b) - limited(a)
-        ok = sum(1 for run in runs for r in run.results if t <= r.started < t + 1 and r.status == 200)
+        ok = sum(1 for run in runs for r in run.results
+                 if t <= r.started < t + 1 and r.status == 200)  # fmt: skip
         share = f"{lim / reached:.1%}" if reached else "-"
         print(f"{t:>6} {reached:>8} {lim:>8} {share:>7} {ok:>7}")
     start = marks[args.skip]
@@ -116,7 +117,8 @@ def report(label: str, args: argparse.Namespace, marks: list[dict[str, Any]], ru
     lim = limited(end) - limited(start)
     measured = args.seconds - args.skip
     ok = sum(1 for run in runs for r in run.after(args.skip) if r.status == 200)
-    refused = sum(1 for run in runs for r in run.after(args.skip) if r.code == "sidecar_rate_limited")
+    refused = sum(1 for run in runs for r in run.after(args.skip)
+                  if r.code == "sidecar_rate_limited")  # fmt: skip
     summary = {
         "reached": reached,
         "limited": lim,
