@@ -56,9 +56,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from redis.exceptions import RedisError
 
 from proxy.diagnosis import DiagnosisEngine, redact_url
 from proxy.log import Logger
@@ -246,6 +244,11 @@ class SharedLimit:
         self.interval = interval
         settings = limiter.settings
         self._hold = max(settings.decrease_interval, 2 * interval)
+        # Imported here: a sidecar without a fleet never loads the Redis client (memory, start).
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        self._errors = (RedisError, OSError, TimeoutError)
         self._client = aioredis.Redis.from_url(
             url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT
         )
@@ -332,7 +335,7 @@ class SharedLimit:
                 reply = await self._report(keys, scope, accepted, "cut", "")
                 self._apply_event(scope, reply)
             await self._exchange(keys)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._errors as exc:
             self._down(exc)
             return
         self._ok.inc()
