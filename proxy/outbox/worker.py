@@ -146,7 +146,12 @@ class DeliveryWorker:
                 self._log.event("internal_error", "error", where="outbox", error=repr(exc))
                 items = []
             if items:
-                await asyncio.gather(*(self._deliver(item) for item in items))
+                held = await asyncio.gather(*(self._deliver(item) for item in items))
+                if all(wait is not None for wait in held):
+                    # Nothing of this batch was sent (an operation's breaker is open, the
+                    # limiter holds back): claiming the rest now would only churn the store.
+                    waits = [w for w in held if w is not None]
+                    await self._pause(min(s.backoff_max, max(s.poll_interval, *waits)))
                 continue
             await self._pause(s.poll_interval)
 
@@ -155,22 +160,24 @@ class DeliveryWorker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
-    async def _deliver(self, item: Item) -> None:
+    async def _deliver(self, item: Item) -> float | None:
+        """One round of one item; the wait asked for when the pipeline held it back, else None."""
         async with self._slots:
             try:
-                await self._round(item)
+                return await self._round(item)
             except StoreError as exc:
                 self._log.event(
                     "outbox_store_failed", "error", where="settle", id=item.id, error=str(exc)
                 )
             except Exception as exc:  # the lease brings the item back
                 self._log.event("internal_error", "error", where="outbox", error=repr(exc))
+            return None
 
-    async def _round(self, item: Item) -> None:
+    async def _round(self, item: Item) -> float | None:
         expired = before_round(item.received_at, item.expires_at, self._wall())
         if expired is not None:
             await self._settle(item, expired, 0, None)
-            return
+            return None
         keys = self._fw.keys
         conn = DeliveryConnection()
         call = await self._fw.deliver(
@@ -178,6 +185,7 @@ class DeliveryWorker:
         )
         answer, detail = round_answer(call)
         head, body = conn.answer()
+        retry_after = _retry_after(head)
         after = after_round(
             answer,
             detail,
@@ -185,7 +193,7 @@ class DeliveryWorker:
             received_at=item.received_at,
             expires_at=item.expires_at,
             now=self._wall(),
-            retry_after=_retry_after(head),
+            retry_after=retry_after,
             settings=self._settings,
             rand=self._rand,
         )
@@ -198,6 +206,7 @@ class DeliveryWorker:
                 resp.request_id if resp is not None else None,
             )
         await self._settle(item, after, call.attempt, result)
+        return retry_after if answer is Answer.NOT_SENT else None
 
     async def _settle(self, item: Item, after: Next, sent: int, result: Result | None) -> None:
         now = self._wall()
