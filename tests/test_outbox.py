@@ -308,3 +308,41 @@ async def test_callback_gets_each_final_result_retried_after_a_failure(make_side
     assert event["item"]["id"] == body["id"] and event["item"]["state"] == "delivered"
     assert event["item"]["result"]["body"]["object"] == "customer"
     assert KEY not in json.dumps(event)
+
+
+async def test_outbox_changes_need_the_client_token_when_the_sidecar_has_one(make_sidecar, tmp_path):
+    """With held keys and a client token, retry and drop without the token get 401; reads do not."""
+    token = "client-token-0123456789abcdef"
+    async with start_simulator() as sim:
+        sc = await make_sidecar(sim.url, secret_keys=[KEY], client_token=token, **_sections(tmp_path))
+        async with aiohttp.ClientSession() as s:
+            status, doc = await _get(s, sc.url, "/outbox/qr_x/retry", method="POST")
+            assert status == 401 and doc["error"]["code"] == "sidecar_client_token_required"
+            status, _ = await _get(s, sc.url, "/outbox/qr_x", method="DELETE")
+            assert status == 401
+            async with s.delete(sc.url + "/outbox/qr_x", headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 404  # let through: there is no such item
+            status, _ = await _get(s, sc.url, "/outbox")
+            assert status == 200
+
+
+async def test_a_put_the_store_does_not_confirm_is_never_acknowledged(make_sidecar, tmp_path):
+    """The disk fails at the commit: the app gets the usual failure, store_up drops to 0, nothing is stored."""
+    import sqlite3
+
+    async with start_simulator(profile="outage") as sim:
+        # No monitor round during the test: it would find the store answering reads again.
+        sc = await make_sidecar(sim.url, **_sections(tmp_path, poll_interval=30.0))
+        store = sc.outbox.store
+
+        def broken(batch: Any) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        store._put_batch = broken
+        async with aiohttp.ClientSession() as s:
+            status, headers, _ = await _post(s, sc.url, "/v1/customers", {"email": "a@example.com"})
+            assert status in (502, 503) and headers["Sidecar-Outcome"] != "queued"
+        assert sc.registry.get_sample_value("stripe_sidecar_outbox_store_up") == 0
+        assert '"event":"outbox_store_failed"' in sc.log_stream.getvalue()
+        del store._put_batch
+        assert sum((await store.counts()).values()) == 0
