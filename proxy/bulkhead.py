@@ -47,7 +47,9 @@ class Bulkhead:
             and comp.in_flight < comp.limit
             # Queued requests go first, but only those that could take a slot now: one waiting
             # for its own full compartment must not hold up other operations.
-            and not any(other.in_flight < other.limit for other, _ in self._waiters)
+            and not (
+                self._waiters and any(other.in_flight < other.limit for other, _ in self._waiters)
+            )
         ):
             self.in_flight += 1
             comp.in_flight += 1

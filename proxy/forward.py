@@ -228,7 +228,9 @@ class Forwarder:
         # Attempt, stream and connect time-outs: the sidecar's one sweeper, on ``clock``.
         self.deadlines = deadlines
         self.log = logger
-        self._observers = tuple(observers)
+        # Each observer's two methods, bound once: the record stage only calls.
+        self._on_attempt = tuple(observer.attempt for observer in observers)
+        self._on_request = tuple(observer.request for observer in observers)
         self._clock = clock
         self._wall = wall
         self._rand = rand
@@ -526,6 +528,8 @@ class Forwarder:
 
     def _next_step(self, call: Call, permits: Permits) -> Step:
         verdict, req, resp = call.verdict, call.req, call.resp
+        if not verdict.retryable and call.key is None:
+            return _ANSWERED  # what next_step answers for a final verdict with no key to switch
         retry_after = None
         if resp is not None and resp.retry_after is not None:
             retry_after = parse_retry_after(resp.retry_after, self._wall())
@@ -624,9 +628,9 @@ class Forwarder:
             with self._armed_until(conn, deadline):
                 return await conn.send_streaming(call.head, req.source, head_only)
         conn = await pool.acquire()
+        self.deadlines.arm_at(conn, deadline)
         try:
-            with self._armed_until(conn, deadline):
-                return await conn.send(call.head, req.body, head_only)
+            return await conn.send(call.head, req.body, head_only)
         except UpstreamError as exc:
             if (
                 not conn.reused
@@ -635,6 +639,8 @@ class Forwarder:
                 or not (call.has_key or req.method in REPEATABLE_METHODS)
             ):
                 raise
+        finally:
+            self.deadlines.disarm(conn)
         lost = AttemptRecord(
             call.op.name, call.attempt, Outcome.CONNECTION_ERROR, 0, None, None, None,
             TransportError.RESET, 0.0, 0.0,
@@ -708,8 +714,8 @@ class Forwarder:
         self._emit(record)
 
     def _emit(self, record: AttemptRecord) -> None:
-        for observer in self._observers:
-            observer.attempt(record)
+        for attempt in self._on_attempt:
+            attempt(record)
 
     def _record(self, call: Call) -> None:
         resp, step = call.resp, call.step
@@ -726,8 +732,8 @@ class Forwarder:
             step.give_up if call.attempt else None,
             call.limiter_wait,
         )
-        for observer in self._observers:
-            observer.request(record)
+        for request in self._on_request:
+            request(record)
 
 
 class _Armed:

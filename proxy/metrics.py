@@ -3,27 +3,63 @@
 Labels are bounded: operation names (``POST /v1/customers/{customer}``, see :mod:`proxy.routes`),
 outcome names, status classes, breaker scopes. Never IDs, keys or raw paths.
 
-Every family is one of prometheus_client's own types. The hot path never looks a label up: each
-operation's children are resolved once (:class:`OperationMetrics`), and the in-flight gauge reads a
-plain integer the pipeline keeps (``Metrics.in_flight``) only when scraped. Rendering is safe from a
-worker thread (prometheus_client guards its values with locks), which is how ``/metrics`` keeps
-the event loop free (:meth:`Metrics.render_async`).
+Every family is one of prometheus_client's own types. The per-request families (requests,
+attempts, their latency histograms, injected keys) are counted on the hot path in plain numbers
+per operation (:class:`OperationMetrics`): a dict add and a bisect, no lock, no child. Whenever the
+registry is collected (a scrape, ``get_sample_value``) those counts move into the library's
+children first (:meth:`Metrics.flush`), so every reader sees every request counted. The in-flight
+gauge reads a plain integer the pipeline keeps (``Metrics.in_flight``). Counts are kept and moved
+by the thread that made the :class:`Metrics` (the event loop's); ``/metrics`` moves them there and
+then renders in a worker thread, so the loop stays free (:meth:`Metrics.render_async`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
 
-__all__ = ["CONTENT_TYPE", "Metrics", "OperationMetrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "OperationMetrics", "add_observations"]
 
 # The exposition format generate_latest writes, as the library names it.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The upper bounds of every bucket, +Inf last, as prometheus_client's Histogram keeps them.
+_BOUNDS = (*LATENCY_BUCKETS, float("inf"))
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 _NS = "stripe_sidecar"
+
+
+def add_observations(child: Histogram, counts: list[int], total: float) -> None:
+    """Add observations, counted per bucket, to a histogram child, as ``observe`` would have.
+
+    ``counts[i]`` observations fell in bucket ``i`` (the first whose bound is at least the
+    value: ``bisect_left`` over the bounds, +Inf last) and ``total`` is their sum. The library
+    has no public call for a batch, so this adds to the child's own bucket and sum values (the
+    same ``inc`` that ``observe`` makes); tests compare the exposition with observing one by one.
+    """
+    child._sum.inc(total)
+    buckets = child._buckets
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+
+
+class _Flush:
+    """A collector with no series of its own: collecting the registry first moves the counts."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        if threading.get_ident() == self._metrics.owner:
+            self._metrics.flush()
+        return ()
 
 
 class Metrics:
@@ -36,6 +72,9 @@ class Metrics:
         self.registry = registry
         ns = _NS
         self._ops: dict[str, OperationMetrics] = {}
+        # The thread that counts (the event loop's) is the only one that moves counts.
+        self.owner = threading.get_ident()
+        registry.register(_Flush(self))  # before the families, so it is collected first
         self._rendering: asyncio.Future[bytes] | None = None
         self.in_flight = 0  # client requests being handled now (read by the gauge when scraped)
         self.requests = Counter(
@@ -140,14 +179,23 @@ class Metrics:
             found = self._ops[operation] = OperationMetrics(self, operation)
         return found
 
+    def flush(self) -> None:
+        """Move every operation's pending counts into the library's children (owner thread)."""
+        for op in self._ops.values():
+            op.flush()
+
     def render(self) -> bytes:
         """The Prometheus text exposition of everything registered (blocks while it runs)."""
         return generate_latest(self.registry)
 
     async def render_async(self) -> bytes:
-        """:meth:`render` in a worker thread; concurrent scrapes share one rendering."""
+        """:meth:`render` in a worker thread; concurrent scrapes share one rendering.
+
+        The counts move into the children here, on the loop's thread, before the worker renders.
+        """
         pending = self._rendering
         if pending is None:
+            self.flush()
             pending = self._rendering = asyncio.ensure_future(asyncio.to_thread(self.render))
             pending.add_done_callback(self._rendered)
         return await asyncio.shield(pending)
@@ -157,50 +205,99 @@ class Metrics:
 
 
 class OperationMetrics:
-    """One operation's metric children, resolved once so the hot path only counts."""
+    """One operation's per-request counts, kept in plain numbers until :meth:`flush`."""
 
     __slots__ = (
-        "_attempt_seconds",
+        "_attempt_buckets",
+        "_attempt_child",
+        "_attempt_sum",
         "_attempts",
+        "_attempts_children",
+        "_key_child",
         "_keys_injected",
         "_m",
         "_method",
         "_operation",
-        "_request_seconds",
+        "_request_buckets",
+        "_request_child",
+        "_request_sum",
         "_requests",
+        "_requests_children",
     )
 
     def __init__(self, metrics: Metrics, operation: str) -> None:
         self._m = metrics
         self._operation = operation
         self._method = operation.split(" ", 1)[0]
-        # Children keyed by the labels that vary per call, made on first use.
-        self._requests: dict[tuple[int, str], Counter] = {}
-        self._attempts: dict[str, Counter] = {}
-        self._keys_injected: Counter | None = None  # only POSTs get keys: no 0 series for GETs
-        self._request_seconds = metrics.request_duration.labels(operation).observe
-        self._attempt_seconds = metrics.attempt_duration.labels(operation).observe
+        # Pending counts since the last flush: answers by (status // 100, outcome), attempts by
+        # outcome, observations per latency bucket and their sums, injected keys.
+        self._requests: dict[tuple[int, str], int] = {}
+        self._attempts: dict[str, int] = {}
+        self._request_buckets = [0] * len(_BOUNDS)
+        self._attempt_buckets = [0] * len(_BOUNDS)
+        self._request_sum = 0.0
+        self._attempt_sum = 0.0
+        self._keys_injected = 0
+        # The histogram series exist from the operation's first request, as before any count.
+        self._request_child = metrics.request_duration.labels(operation)
+        self._attempt_child = metrics.attempt_duration.labels(operation)
+        # Counter children, made at the first flush that has a count for them.
+        self._requests_children: dict[tuple[int, str], Counter] = {}
+        self._attempts_children: dict[str, Counter] = {}
+        self._key_child: Counter | None = None
 
     def request(self, status: int, outcome: str, duration: float) -> None:
         """Count one answered client request."""
         key = (status // 100, outcome)
-        child = self._requests.get(key)
-        if child is None:
-            status_class = _STATUS_CLASS.get(key[0], "other")
-            child = self._requests[key] = self._m.requests.labels(
-                self._operation, self._method, status_class, outcome
-            )
-        child.inc()
-        self._request_seconds(duration)
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
+        self._request_buckets[bisect_left(_BOUNDS, duration)] += 1
+        self._request_sum += duration
 
     def attempt(self, outcome: str, duration: float) -> None:
         """Count one attempt to Stripe."""
-        child = self._attempts.get(outcome)
-        if child is None:
-            child = self._attempts[outcome] = self._m.attempts.labels(self._operation, outcome)
-        child.inc()
-        self._attempt_seconds(duration)
+        attempts = self._attempts
+        attempts[outcome] = attempts.get(outcome, 0) + 1
+        self._attempt_buckets[bisect_left(_BOUNDS, duration)] += 1
+        self._attempt_sum += duration
 
+    def key_injected(self) -> None:
+        """Count an injected Idempotency-Key (only POSTs get keys: no 0 series for GETs)."""
+        self._keys_injected += 1
+
+    def flush(self) -> None:
+        """Move the pending counts into the library's children, and start again from zero."""
+        m, op = self._m, self._operation
+        for key, n in self._requests.items():
+            child = self._requests_children.get(key)
+            if child is None:
+                status_class = _STATUS_CLASS.get(key[0], "other")
+                child = self._requests_children[key] = m.requests.labels(
+                    op, self._method, status_class, key[1]
+                )
+            child.inc(n)
+        self._requests.clear()
+        for outcome, n in self._attempts.items():
+            child = self._attempts_children.get(outcome)
+            if child is None:
+                child = self._attempts_children[outcome] = m.attempts.labels(op, outcome)
+            child.inc(n)
+        self._attempts.clear()
+        if self._keys_injected:
+            if self._key_child is None:
+                self._key_child = m.keys_injected.labels(op)
+            self._key_child.inc(self._keys_injected)
+            self._keys_injected = 0
+        if self._request_sum or any(self._request_buckets):
+            add_observations(self._request_child, self._request_buckets, self._request_sum)
+            self._request_buckets = [0] * len(_BOUNDS)
+            self._request_sum = 0.0
+        if self._attempt_sum or any(self._attempt_buckets):
+            add_observations(self._attempt_child, self._attempt_buckets, self._attempt_sum)
+            self._attempt_buckets = [0] * len(_BOUNDS)
+            self._attempt_sum = 0.0
+
+    # -- rare: counted straight into the children ------------------------------------------
     def retry(self, outcome: str) -> None:
         """Count a retry caused by ``outcome``."""
         self._m.retries.labels(self._operation, outcome).inc()
@@ -212,13 +309,6 @@ class OperationMetrics:
     def budget_exhausted(self) -> None:
         """Count a retry refused by the budget."""
         self._m.budget_exhausted.labels(self._operation).inc()
-
-    def key_injected(self) -> None:
-        """Count an injected Idempotency-Key."""
-        child = self._keys_injected
-        if child is None:
-            child = self._keys_injected = self._m.keys_injected.labels(self._operation)
-        child.inc()
 
     def limiter_wait(self, seconds: float) -> None:
         """Count a wait for a rate-limit token."""

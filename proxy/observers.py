@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from proxy.log import Logger
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, OperationMetrics
 from proxy.records import AttemptRecord, RequestRecord
 from proxy.retry import GiveUp
 
@@ -19,21 +19,26 @@ _FAIL_FAST = frozenset({"circuit_open", "rate_limited", "bulkhead_full", "overlo
 class MetricsRecorder:
     """Counts attempts, retries and answers into :class:`~proxy.metrics.Metrics`."""
 
-    __slots__ = ("_metrics",)
+    __slots__ = ("_metrics", "_ops")
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._ops: dict[str, OperationMetrics] = {}  # by name: one dict look-up per record
+
+    def _op(self, name: str) -> OperationMetrics:
+        op = self._ops[name] = self._metrics.operation(name)
+        return op
 
     def attempt(self, record: AttemptRecord) -> None:
         """Count a send to Stripe, and the retry it leads to."""
-        op = self._metrics.operation(record.operation)
+        op = self._ops.get(record.operation) or self._op(record.operation)
         op.attempt(record.outcome, record.duration)
         if record.retry_in is not None:
             op.retry(record.outcome)
 
     def request(self, record: RequestRecord) -> None:
         """Count an answered request and what happened on its way."""
-        op = self._metrics.operation(record.operation)
+        op = self._ops.get(record.operation) or self._op(record.operation)
         op.request(record.status, record.outcome, record.duration)
         if record.key_injected:
             op.key_injected()

@@ -6,11 +6,11 @@ import asyncio
 import threading
 
 import pytest
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import CONTENT_TYPE, LATENCY_BUCKETS, Metrics
+from proxy.metrics import CONTENT_TYPE, LATENCY_BUCKETS, Metrics, add_observations
 
 OP = "GET /v1/customers/{customer}"
 
@@ -77,12 +77,14 @@ def test_in_flight_gauge_reads_the_pipelines_counter_when_scraped():
 
 
 def test_hot_path_children_are_resolved_once(monkeypatch):
-    """After the first request and attempt of an operation, no label look-up happens again."""
-    m = Metrics(CollectorRegistry())
+    """After an operation's first scrape, neither counting nor the next scrape looks a label up."""
+    reg = CollectorRegistry()
+    m = Metrics(reg)
     op = m.operation(OP)
     op.request(200, "success", 0.01)
     op.attempt("success", 0.01)
     op.key_injected()
+    generate_latest(reg)
 
     def no_lookup(*_: object) -> None:
         raise AssertionError("label look-up on the hot path")
@@ -93,6 +95,82 @@ def test_hot_path_children_are_resolved_once(monkeypatch):
     op.attempt("success", 0.02)
     op.key_injected()
     assert m.operation(OP) is op
+    assert reg.get_sample_value("stripe_sidecar_idempotency_keys_injected_total", {"operation": OP}) == 2
+    assert reg.get_sample_value("stripe_sidecar_upstream_attempts_total", {"operation": OP, "outcome": "success"}) == 2
+
+
+def test_counting_touches_no_child_until_the_registry_is_collected():
+    """The hot path only adds plain numbers; a scrape (any collect) moves them, exactly once."""
+    reg = CollectorRegistry()
+    m = Metrics(reg)
+    op = m.operation(OP)
+    for _ in range(3):
+        op.request(200, "success", 0.01)
+    assert [f.samples for f in m.requests.collect()] == [[]]  # the family alone: nothing moved yet
+    assert reg.get_sample_value("stripe_sidecar_requests_total", {"operation": OP, "method": "GET", "status_class": "2xx", "outcome": "success"}) == 3
+    assert reg.get_sample_value("stripe_sidecar_requests_total", {"operation": OP, "method": "GET", "status_class": "2xx", "outcome": "success"}) == 3
+    assert reg.get_sample_value("stripe_sidecar_request_duration_seconds_count", {"operation": OP}) == 3
+
+
+async def test_a_render_in_the_worker_thread_never_moves_counts():
+    """Only the owner thread moves counts: render_async moves them before the worker renders."""
+    reg = CollectorRegistry()
+    m = Metrics(reg)
+    op = m.operation(OP)
+    op.attempt("success", 0.01)
+    text = (await m.render_async()).decode()
+    assert 'stripe_sidecar_upstream_attempts_total{operation="GET /v1/customers/{customer}",outcome="success"} 1.0' in text
+    op.attempt("success", 0.01)
+    text = (await asyncio.to_thread(m.render)).decode()  # another thread: the count stays put
+    assert 'stripe_sidecar_upstream_attempts_total{operation="GET /v1/customers/{customer}",outcome="success"} 1.0' in text
+    assert reg.get_sample_value("stripe_sidecar_upstream_attempts_total", {"operation": OP, "outcome": "success"}) == 2
+
+
+_AWKWARD = [0.0, -0.5, 0.005, 0.0050000001, 0.01, 0.099, 0.1, 0.25, 1.0, 2.5, 29.9, 30.0, 30.0001, 1e9, float("inf"), 1e-12]
+
+
+@pytest.mark.parametrize("flushes", [1, 3])
+def test_counted_observations_expose_exactly_what_observe_does(flushes):
+    """Counting per operation then flushing gives the exposition observe() gives, value by value."""
+    values = [v * k for k in (1, 1.5, 0.3) for v in _AWKWARD if v != float("inf")] + [float("inf")]
+    direct_reg, counted_reg = CollectorRegistry(), CollectorRegistry()
+    direct = Metrics(direct_reg)
+    direct_req = direct.request_duration.labels(OP)
+    direct_att = direct.attempt_duration.labels(OP)
+    counted = Metrics(counted_reg)
+    op = counted.operation(OP)
+    for i, value in enumerate(values):
+        direct_req.observe(value)
+        direct_att.observe(value)
+        direct.requests.labels(OP, "GET", "2xx", "success").inc()
+        direct.attempts.labels(OP, "success").inc()
+        op.request(200, "success", value)
+        op.attempt("success", value)
+        if flushes > 1 and i % (len(values) // flushes) == 0:
+            counted.flush()
+    direct_text = generate_latest(direct_reg).decode().splitlines()
+    counted_text = generate_latest(counted_reg).decode().splitlines()
+    if flushes == 1:
+        assert counted_text == direct_text
+    else:  # sums added in another grouping may differ in the last bit; everything else is exact
+        assert [line for line in counted_text if "_sum" not in line] == [line for line in direct_text if "_sum" not in line]
+        sums = [(a, b) for a, b in zip(counted_text, direct_text, strict=True) if "_sum{" in a]
+        assert len(sums) == 2
+        for a, b in sums:
+            assert a.rsplit(" ", 1)[0] == b.rsplit(" ", 1)[0]
+            assert float(a.rsplit(" ", 1)[1]) == pytest.approx(float(b.rsplit(" ", 1)[1]))
+
+
+def test_add_observations_adds_counts_and_sum_to_the_childs_own_values():
+    """Bucket i gets counts[i] (cumulative in the exposition) and the sum grows by total."""
+    reg = CollectorRegistry()
+    h = Histogram("h_seconds", "h", buckets=(1.0, 2.0), registry=reg)
+    h.observe(0.5)
+    add_observations(h, [2, 0, 3], 7.5)
+    assert reg.get_sample_value("h_seconds_bucket", {"le": "1.0"}) == 3
+    assert reg.get_sample_value("h_seconds_bucket", {"le": "2.0"}) == 3
+    assert reg.get_sample_value("h_seconds_bucket", {"le": "+Inf"}) == 6
+    assert reg.get_sample_value("h_seconds_sum") == 8.0
 
 
 def test_content_type_is_the_librarys():
