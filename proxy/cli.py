@@ -24,6 +24,11 @@ from proxy.errors import ConfigError
 __all__ = ["main"]
 
 
+def _env(name: str) -> str | None:
+    """A setting from the environment; set but empty is unset (``VAR=`` in compose files)."""
+    return os.environ.get(name) or None
+
+
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop when it is installed, asyncio otherwise."""
     try:
@@ -35,10 +40,10 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 def _add_doctor(sub: Any) -> None:
     doctor = sub.add_parser("doctor", help="check DNS, connect, TLS, clock and keys, step by step")
-    doctor.add_argument("--config", default=os.environ.get("STRIPE_SIDECAR_CONFIG"))
+    doctor.add_argument("--config", default=_env("STRIPE_SIDECAR_CONFIG"))
     doctor.add_argument(
         "--upstream",
-        default=os.environ.get("STRIPE_SIDECAR_UPSTREAM"),
+        default=_env("STRIPE_SIDECAR_UPSTREAM"),
         help="check this URL instead of the configured Stripe API host",
     )
     doctor.add_argument(
@@ -62,17 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the sidecar")
     serve.add_argument(
         "--config",
-        default=os.environ.get("STRIPE_SIDECAR_CONFIG"),
+        default=_env("STRIPE_SIDECAR_CONFIG"),
         help="YAML config file (env STRIPE_SIDECAR_CONFIG)",
     )
     serve.add_argument(
         "--listen",
-        default=os.environ.get("STRIPE_SIDECAR_LISTEN"),
+        default=_env("STRIPE_SIDECAR_LISTEN"),
         help="HOST:PORT to listen on (env STRIPE_SIDECAR_LISTEN; default 127.0.0.1:8080)",
     )
     serve.add_argument(
         "--upstream",
-        default=os.environ.get("STRIPE_SIDECAR_UPSTREAM"),
+        default=_env("STRIPE_SIDECAR_UPSTREAM"),
         help="send every Stripe host's traffic to this URL, e.g. a local simulator "
         "(env STRIPE_SIDECAR_UPSTREAM; default: Stripe's own hosts)",
     )
@@ -162,8 +167,8 @@ def _load(args: argparse.Namespace) -> Config:
         config,
         listen=args.listen,
         upstream=args.upstream,
-        outbox_store=os.environ.get("STRIPE_SIDECAR_OUTBOX_STORE"),
-        ratelimit_shared=os.environ.get("STRIPE_SIDECAR_RATELIMIT_SHARED"),
+        outbox_store=_env("STRIPE_SIDECAR_OUTBOX_STORE"),
+        ratelimit_shared=_env("STRIPE_SIDECAR_RATELIMIT_SHARED"),
     )
 
 
