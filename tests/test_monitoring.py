@@ -117,8 +117,10 @@ def _api(port: int, path: str, **params: str) -> Any:
     try:
         with urllib.request.urlopen(url, timeout=5) as answer:
             return json.loads(answer.read())
-    except urllib.error.HTTPError as exc:  # a bad query: Prometheus says why in the body
-        return json.loads(exc.read())
+    except urllib.error.HTTPError as exc:  # a bad query: Prometheus says why, in JSON
+        body = exc.read()
+        # 503 "Service Unavailable" in plain text while it starts up: not an answer yet.
+        return json.loads(body) if body.startswith(b"{") else None
     except OSError:
         return None
 

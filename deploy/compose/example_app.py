@@ -31,7 +31,8 @@ def main() -> None:
                 params={"amount": 2000, "currency": "usd", "payment_method_types": ["card"]}
             )
             balance = client.v1.balance.retrieve()
-            print(f"payment_intent {intent.id} {intent.status}; balance {balance.object}", flush=True)
+            line = f"payment_intent {intent.id} {intent.status}; balance {balance.object}"
+            print(line, flush=True)
         except stripe.StripeError as exc:
             print(f"failed: {type(exc).__name__}: {exc.user_message or exc}", flush=True)
         done += 1
