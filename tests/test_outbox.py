@@ -346,3 +346,23 @@ async def test_a_put_the_store_does_not_confirm_is_never_acknowledged(make_sidec
         assert '"event":"outbox_store_failed"' in sc.log_stream.getvalue()
         del store._put_batch
         assert sum((await store.counts()).values()) == 0
+
+
+async def test_stripe_python_sdk_reads_the_202_as_an_object(make_sidecar, tmp_path):
+    """The official stripe-python client gets the queued answer as an object: no exception, id and state readable."""
+    import stripe
+
+    async with start_simulator(profile="outage") as sim:
+        sc = await make_sidecar(sim.url, **_sections(tmp_path, poll_interval=30.0))
+
+        def create() -> Any:
+            client = stripe.StripeClient(
+                KEY, base_addresses={"api": sc.url}, max_network_retries=2,
+            )
+            return client.v1.customers.create(params={"email": "sdk@example.com"})
+
+        made = await asyncio.to_thread(create)
+    assert made.object == "sidecar.queued_request"
+    assert made.id.startswith("qr_") and made["state"] == "queued"
+    assert made["operation"] == "POST /v1/customers"
+    assert made.last_response.code == 202
