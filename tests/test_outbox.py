@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from proxy.simulator import start_simulator
+from proxy.simulator.faults import FaultProfile
 
 KEY = "sk_test_outbox000000000000000000000"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -366,3 +367,31 @@ async def test_stripe_python_sdk_reads_the_202_as_an_object(make_sidecar, tmp_pa
     assert made.id.startswith("qr_") and made["state"] == "queued"
     assert made["operation"] == "POST /v1/customers"
     assert made.last_response.code == 202
+
+
+async def test_writes_to_one_object_are_delivered_in_the_order_received(make_sidecar, tmp_path):
+    """Ten queued updates of one customer are performed in order: the last one received wins."""
+    sections = _sections(tmp_path)
+    sections["operations"]["POST /v1/customers/{customer}"] = {"fallback": "queue"}
+    async with start_simulator() as sim:
+        sc = await make_sidecar(sim.url, **sections)
+        async with aiohttp.ClientSession() as s:
+            status, _, customer = await _post(s, sc.url, "/v1/customers", {"email": "o@example.com"})
+            assert status == 200
+            sim.set_profile("outage")
+            ids = []
+            for i in range(10):
+                status, _, body = await _post(s, sc.url, f"/v1/customers/{customer['id']}", {"name": f"n{i}"})
+                assert status == 202
+                ids.append(body["id"])
+            # Half the answers come 0.1 s late: sent together, the updates would finish shuffled.
+            sim.set_profile(FaultProfile(slow=0.5, slow_seconds=0.1), seed=3)
+            await _all_final(s, sc.url, 10)
+            async with s.get(f"{sc.url}/v1/customers/{customer['id']}", headers=AUTH) as resp:
+                assert (await resp.json())["name"] == "n9"
+            done_at = []
+            for item_id in ids:
+                _, shown = await _get(s, sc.url, f"/outbox/{item_id}")
+                assert shown["state"] == "delivered"
+                done_at.append(shown["updated_at"])
+            assert done_at == sorted(done_at)
