@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PYVER = $(shell $(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')
 
 .PHONY: demo test bench lint clean mutation
 
@@ -31,7 +32,10 @@ test: lint tests/node/node_modules/.package-lock.json
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	command -v redis-server >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 # Alert rules and the dashboard: promtool and a real Prometheus server (tests/test_monitoring.py).
+# The image test runs the entrypoint as nobody, who cannot run a Python under /root (pyenv's):
+# it takes Debian's of the same version (tests/test_image.py).
 	command -v promtool >/dev/null && command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
+	test -x /usr/bin/$(PYVER) || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq $(PYVER))
 	$(BIN)/python -m pytest -q -n 4 --dist worksteal --random-order-bucket=global
 
 lint: $(VENV)/.installed-test
