@@ -47,7 +47,7 @@ async def open_store(url: str, *, now: float) -> OutboxStore:
         from proxy.outbox.sqlite import SQLiteStore
 
         return await SQLiteStore.open(url, now=now)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://")):
         try:
             from proxy.outbox.redis_store import RedisStore  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:

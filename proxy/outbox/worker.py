@@ -103,7 +103,6 @@ class DeliveryWorker:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.concurrency)
 
     def start(self) -> None:
         """Run in the background."""
@@ -130,30 +129,57 @@ class DeliveryWorker:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
+        """Keep up to ``concurrency`` rounds going, claiming as slots free up."""
         s = self._settings
         host = self._fw.host_breaker if self._fw.config.host_breaker.enabled else None
-        while not self._stopping:
-            if host is not None and not host.would_admit():
-                # Stripe as a whole is failing: every round would be refused. Wait it out.
-                await self._pause(min(s.poll_interval, max(host.retry_after(), 0.05)))
-                continue
-            try:
-                items = await self.store.claim(self._wall(), s.lease, s.batch, self.owner)
-            except StoreError as exc:
-                self._log.event("outbox_store_failed", "error", where="claim", error=str(exc))
-                items = []
-            except Exception as exc:  # a bug must not stop deliveries for good
-                self._log.event("internal_error", "error", where="outbox", error=repr(exc))
-                items = []
-            if items:
-                held = await asyncio.gather(*(self._deliver(item) for item in items))
-                if all(wait is not None for wait in held):
-                    # Nothing of this batch was sent (an operation's breaker is open, the
-                    # limiter holds back): claiming the rest now would only churn the store.
-                    waits = [w for w in held if w is not None]
-                    await self._pause(min(s.backoff_max, max(s.poll_interval, *waits)))
-                continue
-            await self._pause(s.poll_interval)
+        running: set[asyncio.Task[float | None]] = set()
+        held_until = 0.0  # no claims before this (monotonic): the pipeline held rounds back
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._stopping:
+                if host is not None and not host.would_admit():
+                    # Stripe as a whole is failing: every round would be refused. Wait it out.
+                    await self._pause(min(s.poll_interval, max(host.retry_after(), 0.05)))
+                    continue
+                free = s.concurrency - len(running)
+                items: list[Item] = []
+                if free > 0 and loop.time() >= held_until:
+                    items = await self._claim(min(s.batch, free))
+                for item in items:
+                    running.add(loop.create_task(self._deliver(item)))
+                if items and len(items) == min(s.batch, free):
+                    continue  # there may be more due: fill the free slots first
+                if not running:
+                    await self._pause(s.poll_interval)
+                    continue
+                self._wake.clear()
+                waker = loop.create_task(self._wake.wait())
+                done, _ = await asyncio.wait(
+                    running | {waker}, timeout=s.poll_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
+                waker.cancel()
+                for task in done - {waker}:
+                    running.discard(task)
+                    wait = task.result()
+                    if wait is not None:
+                        # Held back (an operation's breaker is open, the limiter is full):
+                        # claiming more now would only churn the store.
+                        pause = min(s.backoff_max, max(s.poll_interval, wait))
+                        held_until = max(held_until, loop.time() + pause)
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _claim(self, limit: int) -> list[Item]:
+        s = self._settings
+        try:
+            return await self.store.claim(self._wall(), s.lease, limit, self.owner)
+        except StoreError as exc:
+            self._log.event("outbox_store_failed", "error", where="claim", error=str(exc))
+        except Exception as exc:  # a bug must not stop deliveries for good
+            self._log.event("internal_error", "error", where="outbox", error=repr(exc))
+        return []
 
     async def _pause(self, seconds: float) -> None:
         self._wake.clear()
@@ -162,16 +188,15 @@ class DeliveryWorker:
 
     async def _deliver(self, item: Item) -> float | None:
         """One round of one item; the wait asked for when the pipeline held it back, else None."""
-        async with self._slots:
-            try:
-                return await self._round(item)
-            except StoreError as exc:
-                self._log.event(
-                    "outbox_store_failed", "error", where="settle", id=item.id, error=str(exc)
-                )
-            except Exception as exc:  # the lease brings the item back
-                self._log.event("internal_error", "error", where="outbox", error=repr(exc))
-            return None
+        try:
+            return await self._round(item)
+        except StoreError as exc:
+            self._log.event(
+                "outbox_store_failed", "error", where="settle", id=item.id, error=str(exc)
+            )
+        except Exception as exc:  # the lease brings the item back
+            self._log.event("internal_error", "error", where="outbox", error=repr(exc))
+        return None
 
     async def _round(self, item: Item) -> float | None:
         expired = before_round(item.received_at, item.expires_at, self._wall())
