@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -54,6 +55,7 @@ FULL: dict[str, Any] = {
         "service": {"type": "NodePort", "port": 80},
     },
     "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "kube-prometheus"}},
+    "podMonitor": {"enabled": True, "interval": "20s", "labels": {"release": "kube-prometheus"}, "selector": {"tier": "payments"}},
     "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus"}},
 }
 
@@ -130,7 +132,7 @@ def test_full_render_validates_and_carries_every_value(tmp_path: Path) -> None:
 
     docs = render(CHART, FULL)
     validate(docs)
-    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Deployment", "PrometheusRule", "Service", "ServiceMonitor"]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Deployment", "PodMonitor", "PrometheusRule", "Service", "ServiceMonitor"]
     config = tmp_path / "sidecar.yaml"
     config.write_text(one(docs, "ConfigMap")["data"]["sidecar.yaml"])
     loaded = load_config(str(config))
@@ -146,6 +148,11 @@ def test_full_render_validates_and_carries_every_value(tmp_path: Path) -> None:
     assert {"name": "stripe-sidecar-config", "configMap": {"name": "payments-stripe-config"}} in pod["volumes"]
     assert {"name": "stripe-sidecar-store", "persistentVolumeClaim": {"claimName": "stripe-outbox"}} in pod["volumes"]
     assert one(docs, "ServiceMonitor")["spec"]["endpoints"][0]["interval"] == "15s"
+    monitor = one(docs, "PodMonitor")["spec"]
+    assert monitor["selector"] == {"matchLabels": {"tier": "payments"}}
+    assert monitor["podMetricsEndpoints"] == [{"port": "stripe-sidecar", "path": "/metrics", "interval": "20s"}]
+    # The port it scrapes is the sidecar container's.
+    assert container["ports"][0]["name"] == "stripe-sidecar"
 
 
 def test_prometheus_rule_is_config_alert_rules() -> None:
@@ -207,14 +214,15 @@ def test_one_include_adds_the_sidecar_to_an_app_deployment(tmp_path: Path, mode:
     sidecar: the first init container with restartPolicy Always (native), or a last plain
     container; its store and config volumes; and it stays valid for Kubernetes."""
     template = (APP_CHART / "templates" / "deployment.yaml").read_text()
-    assert template.count('include "stripe-sidecar.') == 1
+    assert template.count('include "stripe-sidecar.') == 1 and 'include "stripe-sidecar.podSpec"' in template
     app = _app_chart(tmp_path)
     values = yaml.safe_load((APP_CHART / "values.yaml").read_text())
     values["stripe-sidecar"]["mode"] = mode
     docs = render(app, values)
     validate(docs)
-    # The sidecar chart's own objects: only the ConfigMap the include mounts.
-    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Deployment"]
+    # The sidecar chart's own objects: the ConfigMap the include mounts, the PodMonitor.
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Deployment", "PodMonitor"]
+    assert one(docs, "PodMonitor")["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/name": "payments-app"}}
     deployment = one(docs, "Deployment")
     assert deployment["metadata"]["name"] == "shop-payments-app"
     pod = deployment["spec"]["template"]["spec"]
@@ -235,6 +243,39 @@ def test_one_include_adds_the_sidecar_to_an_app_deployment(tmp_path: Path, mode:
     assert yaml.safe_load(configmap["data"]["sidecar.yaml"]) == {"retry": {"max_attempts": 5}}
     app_env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert app_env["STRIPE_API_BASE"] == "http://localhost:8080"
+    # The plain container is for clusters before native sidecars: valid on the oldest schemas
+    # here; the native sidecar's restartPolicy is a field they do not know.
+    old = "1.25.0"
+    if mode == "container":
+        kubernetes_validate.validate(deployment, old, strict=True)
+    else:
+        with pytest.raises(kubernetes_validate.ValidationError, match="restartPolicy"):
+            kubernetes_validate.validate(deployment, old, strict=True)
+
+
+def test_config_checksum_rolls_the_pods_on_a_config_change(tmp_path: Path) -> None:
+    """The optional checksum include changes with the sidecar's config and only with it."""
+    app = _app_chart(tmp_path)
+    deployment = app / "templates" / "deployment.yaml"
+    deployment.write_text(deployment.read_text().replace(
+        "    spec:\n      {{- include",
+        "      annotations:\n        checksum/stripe-sidecar: {{ include \"stripe-sidecar.configChecksum\" . }}\n    spec:\n      {{- include",
+    ))
+    values = yaml.safe_load((APP_CHART / "values.yaml").read_text())
+
+    def checksum(values: dict[str, Any]) -> str:
+        pod = one(render(app, values), "Deployment")["spec"]["template"]
+        return str(pod["metadata"]["annotations"]["checksum/stripe-sidecar"])
+
+    first = checksum(values)
+    assert re.fullmatch(r"[0-9a-f]{64}", first)
+    assert checksum(copy.deepcopy(values)) == first
+    changed = copy.deepcopy(values)
+    changed["stripe-sidecar"]["config"]["retry"]["max_attempts"] = 6
+    assert checksum(changed) != first
+    changed = copy.deepcopy(values)
+    changed["stripe-sidecar"]["resources"] = {"requests": {"cpu": "1"}}
+    assert checksum(changed) == first
 
 
 def test_include_keeps_the_apps_own_init_containers_and_volumes(tmp_path: Path) -> None:

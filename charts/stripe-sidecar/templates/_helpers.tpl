@@ -116,6 +116,17 @@ volumeMounts:
 {{- end -}}
 
 {{/*
+A checksum of the sidecar's config, for a pod template annotation: pods roll when it changes
+(the sidecar reads its config at start).
+  annotations:
+    checksum/stripe-sidecar: {{ include "stripe-sidecar.configChecksum" . }}
+*/}}
+{{- define "stripe-sidecar.configChecksum" -}}
+{{- $v := include "stripe-sidecar.valuesOf" . | fromYaml -}}
+{{- toYaml $v.config | sha256sum -}}
+{{- end -}}
+
+{{/*
 Add the sidecar to a pod spec: THE include for charts that depend on this one.
 
   spec:
