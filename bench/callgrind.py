@@ -125,13 +125,20 @@ def _totals(outfile_glob: str) -> int:
 
 
 def measure(
-    tree: Path, workload: str, requests: int, connections: int, warmup: int, keep: Path | None
+    tree: Path,
+    workload: str,
+    requests: int,
+    connections: int,
+    warmup: int,
+    keep: Path | None = None,
+    python: str | None = None,
+    config: Path | None = None,
 ) -> float:
-    """Instructions per request of the sidecar in ``tree`` for ``workload``."""
+    """Instructions per request of the sidecar in ``tree`` (run by ``python``) for ``workload``."""
     work = keep or Path(tempfile.mkdtemp(prefix="sidecar-callgrind-"))
     work.mkdir(parents=True, exist_ok=True)
     up_port, port = _free_port(), _free_port()
-    python = str(tree / ".venv" / "bin" / "python")
+    python = python or str(tree / ".venv" / "bin" / "python")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         upstream = subprocess.Popen(
@@ -146,6 +153,7 @@ def measure(
                 "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                 python, "-m", "proxy", "serve",
                 "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{up_port}",
+                *(["--config", str(config)] if config else []),
             ],
             cwd=tree, stdout=open(work / "access.log", "wb"), stderr=open(work / "err", "wb"),  # noqa: SIM115
             start_new_session=True,
@@ -184,11 +192,20 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--keep", type=Path, help="keep the dumps here (for callgrind_annotate)")
+    p.add_argument("--python", help="the interpreter (default: the tree's .venv/bin/python)")
+    p.add_argument("--config", type=Path, help="a config file (default: the shipped defaults)")
     args = p.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     per = measure(
-        args.tree.resolve(), args.workload, args.requests, args.connections, args.warmup, args.keep
+        args.tree.resolve(),
+        args.workload,
+        args.requests,
+        args.connections,
+        args.warmup,
+        args.keep,
+        args.python,
+        args.config.resolve() if args.config else None,
     )
     print(f"{args.tree} {args.workload}: {per:,.0f} instructions/request")
 

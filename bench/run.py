@@ -116,13 +116,13 @@ class Processes:
         self._files: list[IO[bytes]] = []
 
     def start(
-        self, name: str, cmd: list[str], *, stdout: Path | None = None
+        self, name: str, cmd: list[str], *, stdout: Path | None = None, cwd: Path = ROOT
     ) -> subprocess.Popen[bytes]:
         out = open(stdout or self.workdir / f"{name}.out", "wb")  # noqa: SIM115
         err = open(self.workdir / f"{name}.err", "wb")  # noqa: SIM115
         self._files += [out, err]
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=ROOT, start_new_session=True
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd, start_new_session=True
         )
         self.started.append((name, proc))
         return proc

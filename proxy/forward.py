@@ -142,7 +142,8 @@ class Permits:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        if self.held:
+            self.release()
 
 
 class Call:
@@ -711,7 +712,8 @@ class Forwarder:
             verdict.error_param,
             call.error.step if call.error is not None else None,
         )
-        self._emit(record)
+        for attempt in self._on_attempt:
+            attempt(record)
 
     def _emit(self, record: AttemptRecord) -> None:
         for attempt in self._on_attempt:

@@ -111,7 +111,7 @@ class Responder:
         call.status, call.outcome = resp.status, verdict.outcome
         headers = resp.headers
         keep_alive = conn.keeps_alive(call.req)
-        if call.settled and verdict.retryable:
+        if verdict.retryable and call.settled:
             if (
                 verdict.outcome is Outcome.GATEWAY_ERROR
                 and resp.complete

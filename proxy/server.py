@@ -636,7 +636,8 @@ class ClientConnection(asyncio.Protocol):
             return
         lname = name.lower()
         if lname in _DROP:
-            self._hop_header(req, lname, value)
+            if lname != b"host":  # Host is dropped with nothing to note (the sidecar sets its own)
+                self._hop_header(req, lname, value)
             return
         if lname == b"idempotency-key":
             if not value.strip():
@@ -726,7 +727,9 @@ class ClientConnection(asyncio.Protocol):
                 ),
                 413,
             )
-        self._arm_body(server.body_timeout)  # a byte came: the client is not stalled
+        # A byte came: the client is not stalled (what _arm_body does, inline on the hot path).
+        self.deadline = min(self._body_by, server.clock() + server.body_timeout)
+        self._deadline_kind = _BODY
         if req.source is not None:
             req.source.feed(chunk)
         else:
@@ -857,7 +860,8 @@ class ClientConnection(asyncio.Protocol):
         if self._input_done:
             self._close_after_refusal()
             return
-        self._flow()
+        if self._reading_paused or self._write_paused or self._body_full:
+            self._flow()  # else reading goes on as it is: nothing queued, nothing to hold back
         if self._req is None:
             if self._write_paused:
                 self._await_reader()  # idle only once the client has taken its answers

@@ -437,7 +437,8 @@ class Connection(asyncio.Protocol):
             self._release_pending = True
             return
         if self.keep_alive and not self.closed:
-            self.resume_reading()  # a slow client may have paused it
+            if self._reading_paused:
+                self.resume_reading()  # a slow client paused it
             self._pool.release(self)
         else:
             self.abort()
