@@ -289,6 +289,9 @@ class Sidecar:
             self._evaluator.cancel()
         if self.keeper is not None:
             self.keeper.stop()
+        # Rounds under way finish within the grace, like the app's requests; nothing new starts
+        # (a round cut at the end is claimed again: at the next start, or after its lease).
+        self.outbox.stop_claiming()
         if self.server is not None:
             self.log.event("draining", drain_period=s.drain_period, shutdown_grace=s.shutdown_grace)
             report = await self.server.shutdown(s.drain_period, s.shutdown_grace, hurry=hurry)

@@ -41,3 +41,38 @@ async def test_sigkill_during_acks_and_during_delivery_loses_nothing_twice_nothi
     assert report.performed == 80 and report.lost == 0, report.text()
     assert report.duplicates == 0, report.text()
     assert report.counts["delivered"] == 80, report.text()
+
+
+async def test_sigterm_keeps_queued_writes_for_the_next_start(tmp_path: Path) -> None:
+    """SIGTERM with writes queued: the process exits 0 at once, and the next start delivers them, once each."""
+    import asyncio
+    import time
+
+    import aiohttp
+
+    from bench.outbox_outage import KEY, Replica
+    from proxy.simulator import start_simulator
+
+    async with start_simulator(profile="outage") as sim:
+        replica = Replica(0, tmp_path, sim.url, f"sqlite:///{tmp_path}/outbox.db", FAST)
+        await replica.start()
+        try:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+                for i in range(5):
+                    async with s.post(replica.url + "/v1/customers", data={"metadata[ref]": f"t{i}"}) as resp:
+                        assert resp.status == 202
+            assert replica.proc is not None
+            t0 = time.monotonic()
+            replica.stop()  # SIGTERM, then wait
+            assert replica.proc.returncode == 0
+            assert time.monotonic() - t0 < 5
+            assert sim.books()["refs"] == {}
+            sim.set_profile("none")
+            await replica.start()
+            deadline = time.monotonic() + 20
+            while len(sim.books()["refs"]) < 5:
+                assert time.monotonic() < deadline, sim.books()["refs"]
+                await asyncio.sleep(0.05)
+            assert sim.books()["refs"] == {f"t{i}": 1 for i in range(5)}
+        finally:
+            replica.stop()

@@ -212,7 +212,12 @@ class Outbox:
         )  # fmt: skip
         self.worker.start()
 
-    async def stop(self, grace: float = 5.0) -> None:
+    def stop_claiming(self) -> None:
+        """At SIGTERM: deliver nothing new; rounds under way finish during the shutdown grace."""
+        if self.worker is not None:
+            self.worker.stop_claiming()
+
+    async def stop(self, grace: float = 1.0) -> None:
         """Stop delivering (rounds under way get ``grace``), then close the store."""
         if self._monitor is not None:
             self._monitor.cancel()

@@ -112,14 +112,18 @@ class DeliveryWorker:
         """Look for due items now (an operator's retry), not at the next poll."""
         self._wake.set()
 
+    def stop_claiming(self) -> None:
+        """Claim nothing more; rounds under way go on (the sidecar is shutting down)."""
+        self._stopping = True
+        self._wake.set()
+
     async def stop(self, grace: float) -> None:
         """Stop claiming; rounds under way get ``grace`` seconds, then are cancelled.
 
         A cancelled round leaves its item delivering: it is claimed again after its lease
         (at once when a SQLite store is opened again), and resent under the same key.
         """
-        self._stopping = True
-        self._wake.set()
+        self.stop_claiming()
         if self._task is None:
             return
         try:
