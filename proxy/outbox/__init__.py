@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from proxy.outbox.store import (
     FINAL_STATES,
     Item,
@@ -48,10 +50,16 @@ async def open_store(url: str, *, now: float) -> OutboxStore:
 
         return await SQLiteStore.open(url, now=now)
     if url.startswith(("redis://", "rediss://")):
-        try:
-            from proxy.outbox.redis_store import RedisStore  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            raise StoreError(f"a redis:// outbox store is not available here: {exc}") from None
-        store: OutboxStore = await RedisStore.open(url, now=now)
+        module = None
+        for name in ("proxy.outbox.redis", "proxy.outbox.redis_store"):
+            try:
+                module = importlib.import_module(name)
+                break
+            except ModuleNotFoundError as exc:
+                if exc.name != name:  # the module is there, something it needs is not
+                    raise StoreError(f"the Redis outbox store cannot load: {exc}") from None
+        if module is None:
+            raise StoreError("a redis:// outbox store is not available in this build")
+        store: OutboxStore = await module.RedisStore.open(url, now=now)
         return store
     raise StoreError(f"{redact_url(url)} is not a sqlite:/// or redis:// URL")
