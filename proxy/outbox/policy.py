@@ -99,7 +99,7 @@ def backoff(rounds: int, settings: OutboxSettings, rand: Callable[[], float]) ->
 def _too_old(received_at: float, expires_at: float, now: float) -> str:
     hours = (now - received_at) / 3600
     return (
-        f"expired: received {hours:.1f} h ago, past Stripe's idempotency window less the "
+        f"expired: received {hours:.2f} h ago, past Stripe's idempotency window less the "
         f"safety margin (until {expires_at:.0f}); a resend could be performed twice, so it "
         "is never sent again"
     )

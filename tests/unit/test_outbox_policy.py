@@ -11,6 +11,7 @@ from proxy.classify import TransportError, classify_response, classify_transport
 from proxy.outbox.capture import DeliveryConnection, _dechunk
 from proxy.outbox.policy import (
     Answer,
+    Next,
     OutboxSettings,
     after_round,
     backoff,
@@ -45,8 +46,11 @@ def test_before_round_expires_only_from_the_expiry_on() -> None:
     end = expiry(T0, S)
     assert before_round(T0, end, end - 0.001) is None
     nxt = before_round(T0, end, end)
-    assert nxt is not None and nxt.state is State.EXPIRED
-    assert "23.0 h ago" in nxt.reason and "never sent again" in nxt.reason
+    assert nxt is not None and (nxt.state, nxt.next_at) == (State.EXPIRED, end)
+    assert nxt.reason == (
+        f"expired: received 23.00 h ago, past Stripe's idempotency window less the safety "
+        f"margin (until {end:.0f}); a resend could be performed twice, so it is never sent again"
+    )
 
 
 def test_backoff_doubles_to_the_cap_with_jitter() -> None:
@@ -54,13 +58,17 @@ def test_backoff_doubles_to_the_cap_with_jitter() -> None:
     assert [backoff(r, S, lambda: 1.0) for r in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
     assert backoff(3, S, lambda: 0.0) == 4.0
     assert backoff(10_000, S, lambda: 1.0) == 60.0  # no overflow on a long-lived item
+    huge = OutboxSettings(backoff_max=1e12)
+    assert backoff(31, huge, lambda: 1.0) == 2.0**30  # the exponent stops at 30
+    assert backoff(29, huge, lambda: 1.0) == 2.0**29
 
 
 def test_success_delivers_and_terminal_fails() -> None:
     """2xx: delivered; Stripe's final error: failed, with what it was."""
-    assert _after(Answer.SUCCESS).state is State.DELIVERED
-    failed = _after(Answer.TERMINAL)
-    assert failed.state is State.FAILED and failed.reason == "failed: Stripe's final answer (detail)"
+    assert _after(Answer.SUCCESS) == Next(State.DELIVERED, T0 + 10, "delivered")
+    assert _after(Answer.TERMINAL) == Next(
+        State.FAILED, T0 + 10, "failed: Stripe's final answer (detail)"
+    )
 
 
 def test_retryable_backs_off_by_rounds_and_honours_retry_after() -> None:
@@ -83,7 +91,11 @@ def test_a_next_round_past_the_expiry_expires_now() -> None:
     end = T0 + 100
     nxt = _after(Answer.RETRYABLE, rounds=10, now=T0 + 50, expires_at=end)
     assert nxt.state is State.EXPIRED and nxt.next_at == T0 + 50
+    assert nxt.reason.startswith("expired: received 0.01 h ago") and "never sent" in nxt.reason
     assert _after(Answer.RETRYABLE, rounds=0, now=T0 + 50, expires_at=end).state is State.QUEUED
+    # Due exactly at the expiry is too late: nothing may be sent from that moment on.
+    assert _after(Answer.RETRYABLE, rounds=0, now=end - 1.0, expires_at=end).state is State.EXPIRED
+    assert _after(Answer.RETRYABLE, rounds=0, now=end - 1.001, expires_at=end).state is State.QUEUED
 
 
 def test_store_url_order() -> None:
