@@ -177,7 +177,7 @@ class Outbox:
         if self.enabled:
             self.metrics = _Metrics(registry)
             self.capture = Capture(
-                s, store=lambda: self.store, wall=wall, log=log, keys_held=keys_held,
+                s, store=self._usable_store, wall=wall, log=log, keys_held=keys_held,
                 on_queued=self._queued, on_store_error=self._store_failed,
             )  # fmt: skip
 
@@ -260,6 +260,14 @@ class Outbox:
             self.metrics.items.labels(state.value).set(n)
         self.oldest_age = max(0.0, now - oldest) if oldest is not None else 0.0
         self.metrics.oldest.set(self.oldest_age)
+
+    def _usable_store(self) -> OutboxStore | None:
+        """The store for a put, or None while it is not open or known to fail.
+
+        After a failure nothing is queued until the monitor finds the store answering again
+        (every poll_interval): a store that is down must not add its time-out to every write.
+        """
+        return self.store if self.store_error is None else None
 
     # -- events ---------------------------------------------------------------------------------
     def _queued(self, operation: str) -> None:
