@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYVER = $(shell $(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')
 
-.PHONY: demo test bench lint clean mutation
+.PHONY: demo test bench lint clean mutation system-test-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,15 +28,25 @@ demo: $(VENV)/.installed
 
 # The status page is tested in a real headless Chromium, fleet state against a real Redis
 # (Debian's packages; CI runs as root).
-test: lint tests/node/node_modules/.package-lock.json
-	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
-	command -v redis-server >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
-# Alert rules and the dashboard: promtool and a real Prometheus server (tests/test_monitoring.py).
-# The image test runs the entrypoint as nobody, who cannot run a Python under /root (pyenv's):
-# it takes Debian's of the same version (tests/test_image.py).
-	command -v promtool >/dev/null && command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
-	test -x /usr/bin/$(PYVER) || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq $(PYVER))
+test: lint tests/node/node_modules/.package-lock.json system-test-deps
 	$(BIN)/python -m pytest -q -n 4 --dist worksteal --random-order-bucket=global
+
+# Real servers and tools the tests run, from Debian, installed in one apt-get run when missing
+# (CI runs as root on a fresh machine): Chromium for the status page, redis-server for the
+# outbox and the shared limiter, promtool and Prometheus for the alert rules and the scrape test,
+# and Debian's Python of our version, because the image test runs the entrypoint as nobody, who
+# cannot run a Python under /root (pyenv's).
+system-test-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	test -x /usr/bin/$(PYVER) || missing="$$missing $(PYVER)"; \
+	if [ -n "$$missing" ]; then \
+	  command -v apt-get >/dev/null || { echo "missing test tools:$$missing (install them)"; exit 1; }; \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests
