@@ -313,6 +313,8 @@ class SharedLimit:
             self._wake.clear()
             try:
                 await self.step()
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # a bug here must not end sharing for good
                 self._log.event("internal_error", "error", where="ratelimit.shared",
                                 error=repr(exc))  # fmt: skip
@@ -336,6 +338,10 @@ class SharedLimit:
                 self._apply_event(scope, reply)
             await self._exchange(keys)
         except self._errors as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A stop that landed inside the client's time-outs: never swallow it.
+                raise asyncio.CancelledError() from exc
             self._down(exc)
             return
         self._ok.inc()

@@ -149,6 +149,10 @@ async def test_redis_down_no_write_is_acknowledged_and_the_sidecar_says_so(make_
                 assert found["evidence"]["stores"]["outbox.store"]["url"] == server.url
                 assert (await _get(s, sc.url, "/ready"))[0] == 200
                 server.start()  # same port, its append-only file: "before" is still queued
+                deadline = asyncio.get_running_loop().time() + 5
+                while sc.outbox.store is None or sc.outbox.store_error is not None:
+                    assert asyncio.get_running_loop().time() < deadline, "the store never came back"
+                    await asyncio.sleep(0.02)
                 status, headers, body = await _post(s, sc.url, "/v1/customers", {"email": "b@example.com", "metadata[ref]": "r2"},
                                                     {"Idempotency-Key": "during"})
                 assert status == 202, body
@@ -161,7 +165,6 @@ async def test_redis_down_no_write_is_acknowledged_and_the_sidecar_says_so(make_
                     assert asyncio.get_running_loop().time() < deadline, counts
                     await asyncio.sleep(0.05)
             books = sim.books()
-            await sc.stop()  # here, on this test's loop, while the simulator still answers
     finally:
         server.stop()
     assert books["refs"] == {"r1": 1, "r2": 1}

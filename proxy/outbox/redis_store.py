@@ -35,6 +35,7 @@ scripts never compute a time, so nothing is rounded through Lua's number formatt
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,6 +43,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from proxy.outbox.store import (
@@ -259,6 +261,18 @@ return out
 _STATES = tuple(State)
 
 
+def _reraise_cancel(exc: BaseException) -> None:
+    """Raise CancelledError if the task was cancelled while the client was at work.
+
+    A cancellation that lands inside the client's own time-outs can come out as a
+    TimeoutError or ConnectionError; turned into a StoreError it would be swallowed by a
+    caller that retries, and a task being stopped would never end.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from exc
+
+
 def _fields(new: NewItem) -> list[bytes | str]:
     """The hash fields of a new item, as flat name/value pairs (no seq: the script adds it)."""
     pairs: list[bytes | str] = [
@@ -323,8 +337,10 @@ class RedisStore:
             timeout=_TIMEOUT,
             socket_timeout=_TIMEOUT,
             socket_connect_timeout=_CONNECT_TIMEOUT,
-            # No silent resend: the caller decides (a put that failed is not acknowledged).
-            retry=Retry(NoBackoff(), 0),
+            # Once more on a fresh connection when a pooled one is dead (Redis restarted): every
+            # script is safe to run twice (a put finds its key; a second settle is refused by
+            # the owner check). Time-outs are not retried: the caller's answer must not wait.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._client = aioredis.Redis(connection_pool=pool)
         self._keys = [PREFIX]
@@ -355,6 +371,7 @@ class RedisStore:
         try:
             return await awaitable
         except (RedisError, OSError, TimeoutError) as exc:
+            _reraise_cancel(exc)
             raise StoreError(f"redis {redact_url(self.url)}: {type(exc).__name__}: {exc}") from None
 
     async def put(self, item: NewItem) -> tuple[Item, bool]:
