@@ -2,13 +2,15 @@
 
 ``run.py`` measures one sidecar next to the references; this measures several sidecars (another
 checkout, another interpreter) next to Envoy in the same rounds, so that their ratios see the same
-moments of a shared machine. Each variant is ``NAME=TREE[:PYTHON]`` (PYTHON defaults to the
-tree's ``.venv/bin/python``); every variant runs ``python -m proxy serve`` with the shipped
-defaults, as in ``run.py``. Per round, every target gets one ``wrk -t1 -c50`` run per workload,
-in a rotating order; the table gives, per variant, the median and min-max over rounds of its CPU
-us/req and of its ratio to Envoy's in the same round.
+moments of a shared machine. Each variant is ``NAME=TREE[:PYTHON][@CONFIG]`` (PYTHON defaults
+to the tree's ``.venv/bin/python``); every variant runs ``python -m proxy serve`` with the
+shipped defaults, as in ``run.py``, unless given a config file (``--config`` for every variant,
+``@CONFIG`` for one: e.g. an older tree whose defaults refused bench traffic). Per round, every
+target gets one ``wrk -t1 -c50`` run per workload, in a rotating order; the table gives, per
+variant, the median and min-max over rounds of its CPU us/req and of its ratio to Envoy's in the
+same round.
 
-    python bench/ab.py --rounds 5 before=/work/wt/old after=.
+    python bench/ab.py --rounds 5 before=/work/wt/old@old-bench.yaml after=.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _start(
 def main() -> None:
     """Parse arguments, run the rounds, print the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("variants", nargs="+", help="NAME=TREE[:PYTHON]")
+    p.add_argument("variants", nargs="+", help="NAME=TREE[:PYTHON][@CONFIG]")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--workloads", default="POST,GET")
@@ -73,10 +75,12 @@ def main() -> None:
         targets = []
         for spec in args.variants:
             name, _, where = spec.partition("=")
+            where, _, own_config = where.partition("@")
             tree, _, python = where.partition(":")
             root = Path(tree).resolve()
             python = python or str(root / ".venv/bin/python")
-            config = args.config.resolve() if args.config else None
+            config = Path(own_config).resolve() if own_config else args.config
+            config = config.resolve() if config else None
             targets.append(_start(procs, name, root, python, upstream, workdir, config))
         port = run.free_port()
         econf = workdir / "envoy.yaml"

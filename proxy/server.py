@@ -632,7 +632,7 @@ class ClientConnection(asyncio.Protocol):
         req = self._req
         assert req is not None
         if name in _PASS_EXACT:  # what SDKs send, in the case they send it
-            req.head.append(name + b": " + value + b"\r\n")
+            req.head.append(b"%b: %b\r\n" % (name, value))
             return
         lname = name.lower()
         if lname in _DROP:
@@ -646,7 +646,7 @@ class ClientConnection(asyncio.Protocol):
         elif lname == b"authorization":
             req.auth_at = len(req.head) if req.authorization is None else -2
             req.authorization = value
-        req.head.append(name + b": " + value + b"\r\n")
+        req.head.append(b"%b: %b\r\n" % (name, value))
 
     def _hop_header(self, req: Request, lname: bytes, value: bytes) -> None:
         if lname == b"content-length":

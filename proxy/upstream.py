@@ -335,7 +335,7 @@ class Connection(asyncio.Protocol):
         if resp is None or not self._in_head:
             return  # a trailer: never becomes a header of the answer
         if name in _PASS_EXACT:  # most of Stripe's headers, in the case Stripe writes them
-            resp.headers.append(name + b": " + value + b"\r\n")
+            resp.headers.append(b"%b: %b\r\n" % (name, value))
             return
         lname = name.lower()
         if lname in _HOP_BY_HOP:
@@ -354,7 +354,7 @@ class Connection(asyncio.Protocol):
                 resp.idempotency_key = value
             else:
                 setattr(resp, noted, value.decode("latin-1"))
-        resp.headers.append(name + b": " + value + b"\r\n")
+        resp.headers.append(b"%b: %b\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
         resp = self._resp
