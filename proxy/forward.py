@@ -628,7 +628,7 @@ class Forwarder:
             conn = await pool.connect()
             with self._armed_until(conn, deadline):
                 return await conn.send_streaming(call.head, req.source, head_only)
-        conn = await pool.acquire()
+        conn = pool.take_idle() or await pool.connect()
         self.deadlines.arm_at(conn, deadline)
         try:
             return await conn.send(call.head, req.body, head_only)

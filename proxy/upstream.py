@@ -718,7 +718,13 @@ class Pool:
 
     async def acquire(self) -> Connection:
         """A live idle connection (most recently used first), or a new one."""
+        return self.take_idle() or await self.connect()
+
+    def take_idle(self) -> Connection | None:
+        """A live idle connection (most recently used first), or None: no coroutine needed."""
         idle = self._idle
+        if not idle:
+            return None
         now = self.clock()
         while idle:
             conn = idle.pop()
@@ -729,7 +735,7 @@ class Pool:
                 continue
             conn.reused = True
             return conn
-        return await self.connect()
+        return None
 
     async def connect(self) -> Connection:
         """Open a new connection (TLS verified for https)."""
