@@ -65,7 +65,7 @@ async def test_sigterm_keeps_queued_writes_for_the_next_start(tmp_path: Path) ->
             t0 = time.monotonic()
             replica.stop()  # SIGTERM, then wait
             assert replica.proc.returncode == 0
-            assert time.monotonic() - t0 < 5
+            assert time.monotonic() - t0 < 10  # far under the 25 s shutdown grace
             assert sim.books()["refs"] == {}
             sim.set_profile("none")
             await replica.start()
