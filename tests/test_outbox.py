@@ -107,7 +107,12 @@ async def test_outage_writes_are_queued_then_delivered_once(make_sidecar, tmp_pa
             assert shown["history"][-1]["to"] == "delivered"
             assert "Authorization" in shown["header_names"]
             assert KEY not in json.dumps(shown) and KEY not in json.dumps(doc)
+        await sc.outbox.refresh()
         metrics = sc.registry
+        assert metrics.get_sample_value("stripe_sidecar_outbox_items", {"state": "delivered"}) == 12
+        assert metrics.get_sample_value("stripe_sidecar_outbox_items", {"state": "queued"}) == 0
+        assert metrics.get_sample_value("stripe_sidecar_outbox_oldest_queued_age_seconds") == 0
+        assert metrics.get_sample_value("stripe_sidecar_outbox_store_up") == 1
         assert metrics.get_sample_value("stripe_sidecar_outbox_queued_total", {"operation": "POST /v1/customers"}) == 12
         assert metrics.get_sample_value("stripe_sidecar_outbox_deliveries_total", {"operation": "POST /v1/customers", "result": "delivered"}) == 12
         assert KEY not in sc.log_stream.getvalue()
