@@ -246,12 +246,18 @@ class SharedLimit:
         self._hold = max(settings.decrease_interval, 2 * interval)
         # Imported here: a sidecar without a fleet never loads the Redis client (memory, start).
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import RedisError
 
         self._errors = (RedisError, OSError, TimeoutError)
         self._client = aioredis.Redis.from_url(
-            url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT
-        )
+            url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT,
+            # Once more on a fresh connection (Redis restarted); never a wait: the next
+            # interval tries again anyway.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )  # fmt: skip
         self._throttle = self._client.register_script(_THROTTLE)
         self._sync = self._client.register_script(_SYNC)
         self._cuts: list[tuple[str, float]] = []
