@@ -513,7 +513,9 @@ class Forwarder:
                 assert call.resp is not None
                 if call.req.authorization is not None:
                     self.fleet_auth = call.req.authorization
-                self.limiter.on_rate_limited(call.op.name, call.resp.rate_limited_reason)
+                # When it went out: a first attempt after its limiter wait, a retry at t0.
+                sent_at = t0 + call.limiter_wait if call.attempt == 1 else t0
+                self.limiter.on_rate_limited(call.op.name, call.resp.rate_limited_reason, sent_at)
             step = self._next_step(call, permits)
             if step.give_up is not None:
                 call.step = step
