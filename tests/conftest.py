@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import faulthandler
 import io
+import os
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,6 +18,29 @@ from redisserver import redis_server, redis_url  # noqa: F401  (fixtures for eve
 
 from proxy.app import Sidecar
 from proxy.config import config_from_dict
+
+# pytest-timeout stops a test's timer as soon as the test fails (to let a debugger in), so a
+# teardown that then hangs (a fixture stopping a sidecar whose store is gone) would hang the
+# whole run, and with it every landing behind it. Teardowns get their own bound.
+TEARDOWN_LIMIT = 60.0
+
+
+def _teardown_hung(nodeid: str) -> None:
+    sys.stderr.write(f"\n+++ teardown of {nodeid} still running after {TEARDOWN_LIMIT:g} s +++\n")
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(1)  # xdist reports the worker crashed with this test, and goes on
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Any:
+    """Bound every teardown, also after a failure (when pytest-timeout no longer watches)."""
+    timer = threading.Timer(TEARDOWN_LIMIT, _teardown_hung, (item.nodeid,))
+    timer.daemon = True
+    timer.start()
+    try:
+        return (yield)
+    finally:
+        timer.cancel()
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from waiting import poll
 
 from proxy.simulator import start_simulator
 
@@ -168,7 +169,9 @@ async def test_outage_raises_stripe_outage_and_tags_answers(sim: Any, make_sidec
             sim.set_profile("outage")
 
         async def health() -> None:
-            assert "stripe_outage" in traffic.diagnosis_headers
+            # The app's next answer carries it: on a busy machine it may come a while after the raise.
+            await poll(lambda: "stripe_outage" in traffic.diagnosis_headers, timeout=10.0,
+                       what="an answer tagged stripe_outage")
             assert 'stripe_sidecar_diagnosis_active{kind="stripe_outage"} 1.0' in await _metrics(
                 sidecar.url
             )

@@ -72,7 +72,7 @@ async def test_a_quiet_replica_learns_the_fleet_limit_before_its_own_429(make_si
         status, _ = await _get(b.url, "/v1/balance")  # B knows the account now
         assert status == 200
         await offer(a.url, 120.0, 2.0)
-        await poll(lambda: "global" in b.forwarder.limiter.rates(), timeout=3.0, what="B to share the limit")
+        await poll(lambda: "global" in b.forwarder.limiter.rates(), timeout=20.0, what="B to share the limit")
         state = b.forwarder.limiter.state()["global"]
         rated_b = b.registry.get_sample_value("stripe_sidecar_upstream_attempts_total",
                                               {"operation": "GET /v1/balance", "outcome": "rate_limited"})
@@ -97,14 +97,14 @@ async def test_redis_down_each_sidecar_goes_on_alone_and_says_so_then_recovers(m
             server.kill()
             await poll(lambda: sc.shared_limit.up is False, what="the store to be seen down")
             answers = [(await _get(sc.url, "/v1/balance"))[0] for _ in range(20)]
-            await poll(lambda: "store_unreachable" in sc.diagnosis.active, timeout=5.0, what="store_unreachable")
+            await poll(lambda: "store_unreachable" in sc.diagnosis.active, timeout=20.0, what="store_unreachable")
             ready, _ = await _get(sc.url, "/ready")
             _, report = await _get(sc.url, "/diagnosis")
             _, metrics = await _get(sc.url, "/metrics")
             down = next(d for d in report["active"] if d["kind"] == "store_unreachable")
             server.start()  # the same port
-            await poll(lambda: sc.shared_limit.up is True, timeout=5.0, what="the store to be seen again")
-            await poll(lambda: "store_unreachable" not in sc.diagnosis.active, timeout=5.0, what="the diagnosis to clear")
+            await poll(lambda: sc.shared_limit.up is True, timeout=20.0, what="the store to be seen again")
+            await poll(lambda: "store_unreachable" not in sc.diagnosis.active, timeout=20.0, what="the diagnosis to clear")
             _, metrics_after = await _get(sc.url, "/metrics")
     finally:
         server.stop()
