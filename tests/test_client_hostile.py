@@ -10,7 +10,7 @@ from collections.abc import Callable
 from rawclient import exchange, open_raw
 from rawupstream import Received, held, json_answer
 from unit.fakeclock import FakeClock
-from waiting import poll
+from waiting import poll, waits_for_the_client
 
 from proxy.server import ClientConnection
 
@@ -216,6 +216,8 @@ async def test_stalled_streamed_body_is_blamed_on_the_client(raw_upstream, make_
     writer.write(UPLOAD_HEAD + b"Content-Length: 5000\r\n\r\n" + b"x" * 200)
     await body_read(sc, 200)
     await poll(lambda: up.connections == 1, what="the upload to start upstream")
+    # Connected, not still connecting: the clock jump must not expire the connect timeout.
+    await poll(lambda: waits_for_the_client(sc), what="the attempt to wait for the client")
     clock.advance(9.75)
     assert sc.deadlines.sweep() == 0
     clock.advance(0.25)

@@ -13,6 +13,7 @@ from rawclient import exchange, open_raw
 from rawupstream import json_answer
 from test_hardening import poll, read_answer, script
 from unit.fakeclock import FakeClock
+from waiting import waits_for_the_client
 
 from proxy.breaker import BreakerState
 from proxy.config import config_from_dict
@@ -327,6 +328,8 @@ async def paced(sc: Any, clock: FakeClock, writer: asyncio.StreamWriter, piece: 
         if n == pieces:
             return
         await body_read(sc, n * len(piece))
+        # The clock may jump only once the attempt waits on the client (not still connecting).
+        await poll(lambda: waits_for_the_client(sc), what="the attempt to wait for the client")
         clock.advance(8.0)
         assert sc.deadlines.sweep() == 0, f"cut after {n} pieces"
 

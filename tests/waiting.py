@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 async def poll(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -17,3 +19,13 @@ async def poll(cond: Callable[[], bool], timeout: float = 30.0, what: str = "con
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.005)
+
+
+def waits_for_the_client(sidecar: Any) -> bool:
+    """An upstream attempt is armed with its deadline off: the client's turn, not Stripe's.
+
+    Before a test moves a fake clock past a connect or attempt timeout during an upload, the
+    sidecar must be here, not still connecting upstream (a busy machine takes a while).
+    """
+    armed = sidecar.deadlines._armed
+    return bool(armed) and all(item.deadline == math.inf for item in armed)
