@@ -235,37 +235,20 @@ class _Scope:
         sent = sum(self.sent)
         return sum(self.limited) / sent if sent > 0 else 1.0
 
-    def count_limited(self, sent_at: float, now: float) -> None:
-        """Count a 429 in the slice its request was sent in (``catch_up`` first).
-
-        Its answer came back a round trip later; counted then, a long round trip would put the
-        429s of one slice's requests against the requests of a later one.
-        """
-        back = int(now // _SLICE) - int(sent_at // _SLICE)
-        if back < _SLICES:  # older than the meter's second: it no longer holds that slice
-            self.limited[(self.idx - back) % _SLICES] += 1
-
-    def accepted_rate(self, now: float, until: float | None = None) -> float:
+    def accepted_rate(self, now: float) -> float:
         """Requests/s Stripe accepted (sent minus rate limited) over the last second.
 
         Counted from one slice before the first 429 in that second: from then on Stripe's
         bucket was empty, so what it accepted is its rate, not a burst it had saved up while
-        we sent less (which would make the estimate, and the next cut, too high). It ends with
-        the slice holding ``until`` (default ``now``), the send time of the 429 that cuts: what
-        went out after it has mostly no answer yet, and an unanswered request is not accepted.
+        we sent less (which would make the estimate, and the next cut, too high).
         """
         self.catch_up(now)
-        back = 0 if until is None else int(now // _SLICE) - int(until // _SLICE)
-        if back <= 0 or back >= _SLICES:
-            back = 0  # up to now (also for a send older than the meter's second)
-        order = [(self.idx + 1 + k) % _SLICES for k in range(_SLICES - back)]  # oldest first
+        order = [(self.idx + 1 + k) % _SLICES for k in range(_SLICES)]  # oldest first
         first = next((k for k, i in enumerate(order) if self.limited[i]), 0)
         first = max(0, first - 1)
         kept = order[first:]
-        # A slice's counts cannot be split: an earlier slice is kept whole, to its end.
-        end = self.edge - back * _SLICE if back else now
-        span = (_SLICES - 1 - back - first) * _SLICE + (end - (self.edge - (back + 1) * _SLICE))
-        span = min(span, end - self.first)
+        span = (_SLICES - 1 - first) * _SLICE + (now - (self.edge - _SLICE))
+        span = min(span, now - self.first)
         if span < _SLICE:
             span = _SLICE  # a handful of requests in a few ms is not a rate of thousands
         accepted = sum(self.sent[i] for i in kept) - sum(self.limited[i] for i in kept)
@@ -424,14 +407,13 @@ class RateLimiter:
         if s.tokens > s.burst:
             s.tokens = s.burst
 
-    def _throttle_rate(self, s: _Scope, now: float, sent: float) -> float | None:
-        """Cut ``s``'s rate; the rate Stripe accepted until ``sent`` (when the 429 that cuts
-        went out), or None (held: no cut)."""
+    def _throttle_rate(self, s: _Scope, now: float) -> float | None:
+        """Cut ``s``'s rate; the rate Stripe accepted just before, or None (held: no cut)."""
         cubic = s.rate_cubic
         cubic.last_throttle = now
         if now < cubic.hold_until:
             return None
-        accepted = base = s.accepted_rate(now, sent)
+        accepted = base = s.accepted_rate(now)
         paced = s.rate  # the rate the queued requests were scheduled at
         if s.limiting:
             self._sync(s, now)
@@ -512,9 +494,9 @@ class RateLimiter:
         ``global-*`` names the account, ``endpoint-*`` (and any reason not known yet) the
         ``endpoint``; ``*-concurrency`` adapts the in-flight bound, the others the rate. None
         (a lock timeout) and ``resource-specific`` (one object's limit) change nothing.
-        ``sent_at`` is when the limited request went out (default: now). The 429 is metered
-        in that slice, and one sent before the scope's last cut says nothing about the new
-        rate: its round trip, not the rate, made it arrive after the cut.
+        ``sent_at`` is when the limited request went out (default: now): a 429 for a request
+        sent before the scope's last rate cut says nothing about the new rate (a slow round
+        trip, not the rate, made it arrive after the cut), so it cuts nothing.
         """
         if reason is None or not self._enabled:
             return
@@ -522,13 +504,12 @@ class RateLimiter:
         if not reason or reason == "resource-specific":
             return
         now = self._clock()
-        sent = now if sent_at is None or sent_at > now else sent_at
         s = self._global if reason in _GLOBAL_REASONS else self._scope(endpoint, now)
         s.catch_up(now)
-        s.count_limited(sent, now)
+        s.limited[s.idx] += 1
         concurrency = reason in _CONCURRENCY_REASONS
         cubic = s.concurrency if concurrency else s.rate_cubic
-        if not concurrency and cubic.active and sent < cubic.start:
+        if not concurrency and sent_at is not None and cubic.active and sent_at < cubic.start:
             cubic.last_throttle = now  # still throttled: the scope stays active
             return
         st = self.settings
@@ -537,7 +518,7 @@ class RateLimiter:
         if concurrency:
             self._throttle_concurrency(s, now)
             return
-        accepted = self._throttle_rate(s, now, sent)
+        accepted = self._throttle_rate(s, now)
         if accepted is not None and self.on_throttle is not None:
             self.on_throttle(GLOBAL_SCOPE if s is self._global else endpoint, accepted)
 
