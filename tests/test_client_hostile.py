@@ -157,6 +157,8 @@ async def test_stalled_trailers_get_408_at_the_trailer_timeout(raw_upstream, mak
         lambda: conn._body_bytes == 5 and conn.deadline == clock.now + 10.0,
         what="the last chunk read and the trailer deadline armed",
     )
+    # Connected, not still connecting: the clock jump must not expire the connect timeout.
+    await poll(lambda: waits_for_the_client(sc), what="the attempt to wait for the client")
     assert conn.waiting_for == "body"
     clock.advance(9.75)
     assert sc.deadlines.sweep() == 0

@@ -12,7 +12,7 @@ import httptools
 from rawclient import exchange, open_raw
 from rawupstream import Received, held, json_answer
 from unit.fakeclock import FakeClock
-from waiting import poll
+from waiting import poll, waits_for_the_client
 
 OK = json_answer(200, b'{"id":"cus_1","object":"customer"}', b"Request-Id: req_ok")
 HTML_503 = (
@@ -147,6 +147,8 @@ async def test_stalled_upload_is_answered_when_the_body_times_out(raw_upstream, 
         lambda: [(c._body_bytes, c.waiting_for) for c in sc.server.connections] == [(200, "body")],
         what="the 200 bytes read",
     )
+    # Connected, not still connecting: the clock jump must not expire the connect timeout.
+    await poll(lambda: waits_for_the_client(sc), what="the attempt to wait for the client")
     clock.advance(9.75)
     assert sc.deadlines.sweep() == 0
     clock.advance(0.25)

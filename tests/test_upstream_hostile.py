@@ -383,6 +383,8 @@ async def test_stalled_upload_is_the_clients_408_not_stripes_504(raw_upstream, m
     writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"x" * 200)
     await poll(lambda: up.connections == 1, what="the upload to start upstream")
     await body_read(sc, 200)
+    # Connected, not still connecting: the clock jump must not expire the connect timeout.
+    await poll(lambda: waits_for_the_client(sc), what="the attempt to wait for the client")
     clock.advance(9.75)  # many attempt timeouts, within body_timeout
     assert sc.deadlines.sweep() == 0
     clock.advance(0.25)
