@@ -329,20 +329,22 @@ class SharedLimit:
     async def step(self) -> None:
         """Report cuts, sync demand and the fleet's state, join events; mark the store up/down."""
         identity = self._identity()
-        if identity is None:
-            self._cuts.clear()  # no request seen yet: nothing to share, no account to share it in
-            return
-        prefix = state_key(identity)
-        keys = (prefix + ":state", prefix + ":demand")
-        if keys != self._keys:
-            self._keys = keys
-            self._joined.clear()
         cuts, self._cuts = self._cuts, []
         try:
-            for scope, accepted in cuts:
-                reply = await self._report(keys, scope, accepted, "cut", "")
-                self._apply_event(scope, reply)
-            await self._exchange(keys)
+            if identity is None:
+                # No request seen yet: no account to share in. Still say whether Redis answers
+                # (a wrong address shows at start, not at the first 429).
+                await self._client.ping()
+            else:
+                prefix = state_key(identity)
+                keys = (prefix + ":state", prefix + ":demand")
+                if keys != self._keys:
+                    self._keys = keys
+                    self._joined.clear()
+                for scope, accepted in cuts:
+                    reply = await self._report(keys, scope, accepted, "cut", "")
+                    self._apply_event(scope, reply)
+                await self._exchange(keys)
         except self._errors as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -351,7 +353,8 @@ class SharedLimit:
             self._down(exc)
             return
         self._ok.inc()
-        self.syncs += 1
+        if identity is not None:
+            self.syncs += 1
         if self.up is not True:
             self.up = True
             self.error = None

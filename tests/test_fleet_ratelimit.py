@@ -45,7 +45,7 @@ async def test_a_dormant_fleet_sends_nothing_to_redis_per_request(make_sidecar, 
     async with start_simulator() as sim:
         sc = await make_sidecar(sim.url, ratelimit={"shared": redis_url, "shared_interval": 0.25})
         start = time.monotonic()
-        # Nothing syncs before the first request (no account known yet): no race at this start.
+        # Before the first request (no account known yet) a sync is a PING, never a script.
         before_trips, before_syncs = await _round_trips(redis_url), sc.shared_limit.syncs
         run = await offer(sc.url, 300.0, 2.0)
         # A busy machine syncs less often than every 0.25 s: wait for four, however long.
