@@ -157,3 +157,17 @@ async def test_two_replicas_share_the_account_limit(tmp_path: Path, redis_url):
     assert limited / reached < 0.10, (limited, reached)
     assert ok / measured >= 0.8 * limit, ok / measured
     assert all(r.events("ratelimit_shared_up") for r in replicas)
+
+
+async def test_a_wrong_redis_address_shows_before_any_request(make_sidecar, redis_url, tmp_path: Path):
+    """No request yet, so no account: a sidecar still PINGs its Redis; nothing listening is store_unreachable, a live one is up."""
+    nowhere = RedisServer(tmp_path / "none")  # never started: its port is free
+    async with start_simulator() as sim:
+        wrong = await make_sidecar(sim.url, ratelimit={"shared": nowhere.url, "shared_interval": 0.05},
+                                   diagnosis=FAST_DIAGNOSIS)
+        right = await make_sidecar(sim.url, ratelimit={"shared": redis_url, "shared_interval": 0.05})
+        await poll(lambda: "store_unreachable" in wrong.diagnosis.active, timeout=5.0, what="store_unreachable")
+        await poll(lambda: right.shared_limit.up is True, what="the live Redis to answer")
+    assert wrong.registry.get_sample_value("stripe_sidecar_ratelimit_shared_up") == 0
+    assert right.registry.get_sample_value("stripe_sidecar_ratelimit_shared_up") == 1
+    assert wrong.forwarder.fleet_auth is None and right.shared_limit.syncs == 0
