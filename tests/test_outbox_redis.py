@@ -169,3 +169,20 @@ async def test_redis_down_no_write_is_acknowledged_and_the_sidecar_says_so(make_
         server.stop()
     assert books["refs"] == {"r1": 1, "r2": 1}
     assert books["duplicates"] == 0
+
+
+async def test_a_redis_without_the_append_only_file_is_warned_about(make_sidecar, tmp_path: Path) -> None:
+    """An outbox on a Redis that would lose acknowledged writes at a restart logs a warning at start; one with it does not."""
+    from test_outbox import _sections
+
+    from proxy.simulator import start_simulator
+
+    async with start_simulator() as sim:
+        with RedisServer(tmp_path / "plain") as plain, RedisServer(tmp_path / "aof", appendonly=True) as aof:
+            warned = await make_sidecar(sim.url, **_sections(tmp_path, store=plain.url))
+            safe = await make_sidecar(sim.url, **_sections(tmp_path, store=aof.url))
+            for sc in (warned, safe):
+                assert sc.outbox.store is not None
+            assert '"event":"outbox_store_not_durable"' in warned.log_stream.getvalue()
+            assert "appendonly yes" in warned.log_stream.getvalue()
+            assert "outbox_store_not_durable" not in safe.log_stream.getvalue()

@@ -206,6 +206,12 @@ class Outbox:
         self._store_answers()
         assert self._forwarder is not None
         self._log.event("outbox_opened", store=redact_url(self.url))
+        if getattr(self.store, "durable", None) is False:
+            # A Redis without its append-only file loses acknowledged writes when it restarts.
+            self._log.event(
+                "outbox_store_not_durable", "warning", store=redact_url(self.url),
+                advice="run Redis with appendonly yes and appendfsync always",
+            )  # fmt: skip
         self.worker = DeliveryWorker(
             self.store, self._forwarder, self.settings, wall=self._wall, rand=self._rand,
             log=self._log, on_settled=self._settled,
