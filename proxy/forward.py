@@ -36,7 +36,7 @@ from proxy.keys import HeldKey, KeySet
 from proxy.log import Logger
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimiter, wait_for_slot
-from proxy.records import AttemptRecord, Observer, RequestRecord
+from proxy.records import AttemptRecord, Observer, new_attempt, new_request
 from proxy.respond import Responder
 from proxy.retry import (
     REPEATABLE_METHODS,
@@ -700,19 +700,21 @@ class Forwarder:
     # -- record ---------------------------------------------------------------------------------
     def _emit_attempt(self, call: Call, duration: float) -> None:
         resp, verdict, step = call.resp, call.verdict, call.step
-        record = AttemptRecord(
-            call.op.name,
-            call.attempt,
-            verdict.outcome,
-            resp.status if resp is not None else 0,
-            verdict.error_code,
-            resp.rate_limited_reason if resp is not None else None,
-            resp.request_id if resp is not None else None,
-            call.error.kind if call.error is not None else None,
-            duration,
-            step.delay if step.give_up is None else None,
-            verdict.error_param,
-            call.error.step if call.error is not None else None,
+        record = new_attempt(
+            (
+                call.op.name,
+                call.attempt,
+                verdict.outcome,
+                resp.status if resp is not None else 0,
+                verdict.error_code,
+                resp.rate_limited_reason if resp is not None else None,
+                resp.request_id if resp is not None else None,
+                call.error.kind if call.error is not None else None,
+                duration,
+                step.delay if step.give_up is None else None,
+                verdict.error_param,
+                call.error.step if call.error is not None else None,
+            )
         )
         for attempt in self._on_attempt:
             attempt(record)
@@ -723,18 +725,20 @@ class Forwarder:
 
     def _record(self, call: Call) -> None:
         resp, step = call.resp, call.step
-        record = RequestRecord(
-            call.op.name,
-            call.req.method,
-            call.status,
-            call.outcome,
-            call.attempt,
-            self._clock() - call.start,
-            resp.request_id if resp is not None else None,
-            call.verdict.error_code,
-            call.injected is not None,
-            step.give_up if call.attempt else None,
-            call.limiter_wait,
+        record = new_request(
+            (
+                call.op.name,
+                call.req.method,
+                call.status,
+                call.outcome,
+                call.attempt,
+                self._clock() - call.start,
+                resp.request_id if resp is not None else None,
+                call.verdict.error_code,
+                call.injected is not None,
+                step.give_up if call.attempt else None,
+                call.limiter_wait,
+            )
         )
         for request in self._on_request:
             request(record)

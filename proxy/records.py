@@ -9,9 +9,11 @@ identifiers only, never keys, headers or bodies.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple, Protocol, cast
 
-__all__ = ["AttemptRecord", "Observer", "RequestRecord"]
+__all__ = ["AttemptRecord", "Observer", "RequestRecord", "new_attempt", "new_request"]
 
 
 class AttemptRecord(NamedTuple):
@@ -55,3 +57,13 @@ class Observer(Protocol):
 
     def request(self, record: RequestRecord) -> None:
         """One client request was answered."""
+
+
+# Build a record from a tuple of all its fields in C (no Python-level ``__new__`` frame): the
+# pipeline makes two per request. Every field must be given, in order.
+new_attempt = cast(
+    "Callable[[tuple[object, ...]], AttemptRecord]", partial(tuple.__new__, AttemptRecord)
+)
+new_request = cast(
+    "Callable[[tuple[object, ...]], RequestRecord]", partial(tuple.__new__, RequestRecord)
+)

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rawclient import exchange
 from rawupstream import Received, json_answer
 
-from proxy.records import AttemptRecord, RequestRecord
+from proxy.records import AttemptRecord, RequestRecord, new_attempt, new_request
 
 POST = b"POST /v1/payment_intents HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\namount=2000"
 GET_FILE = b"GET /v1/files/file_1/contents HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -133,3 +133,16 @@ async def test_streams_stripe_breaks_off_count_against_the_breaker(raw_upstream,
     result, _ = await exchange(sc.port, GET_FILE)
     assert result[0].status == 503 and result[0].json()["error"]["code"] == "sidecar_circuit_open"
     assert len(up.received) == 2
+
+
+def test_fast_constructors_build_the_same_records_as_the_classes():
+    """new_attempt and new_request (used on the hot path) build records equal to, and of the type of, the classes' own."""
+    attempt = ("POST /v1/x", 2, "success", 200, None, "global", "req_1", None, 0.25, 1.5, "p", "tls")
+    request = ("POST /v1/x", "POST", 200, "success", 1, 0.5, "req_1", None, True, "answered", 0.0)
+    assert len(attempt) == len(AttemptRecord._fields) and len(request) == len(RequestRecord._fields)
+    built = new_attempt(attempt)
+    assert type(built) is AttemptRecord and built == AttemptRecord(*attempt)
+    assert built.transport_step == "tls" and built.retry_in == 1.5
+    answered = new_request(request)
+    assert type(answered) is RequestRecord and answered == RequestRecord(*request)
+    assert answered.limiter_wait == 0.0 and answered.give_up == "answered"
