@@ -246,13 +246,17 @@ class OperationMetrics:
         self._attempts_children: dict[str, Counter] = {}
         self._key_child: Counter | None = None
 
-    def request(self, status: int, outcome: str, duration: float) -> None:
-        """Count one answered client request."""
+    def request(
+        self, status: int, outcome: str, duration: float, key_injected: bool = False
+    ) -> None:
+        """Count one answered client request (and its injected Idempotency-Key, if any)."""
         key = (status // 100, outcome)
         requests = self._requests
         requests[key] = requests.get(key, 0) + 1
         self._request_buckets[bisect_left(_BOUNDS, duration)] += 1
         self._request_sum += duration
+        if key_injected:
+            self._keys_injected += 1
 
     def attempt(self, outcome: str, duration: float) -> None:
         """Count one attempt to Stripe."""

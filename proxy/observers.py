@@ -39,9 +39,7 @@ class MetricsRecorder:
     def request(self, record: RequestRecord) -> None:
         """Count an answered request and what happened on its way."""
         op = self._ops.get(record.operation) or self._op(record.operation)
-        op.request(record.status, record.outcome, record.duration)
-        if record.key_injected:
-            op.key_injected()
+        op.request(record.status, record.outcome, record.duration, record.key_injected)
         if record.attempts == 0 and record.outcome in _FAIL_FAST:
             op.fail_fast(record.outcome)
         elif record.give_up == _BUDGET:

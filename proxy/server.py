@@ -281,7 +281,9 @@ class Server:
         self.stopping = False  # shutdown has begun: /ready says 503, serving goes on
         self.closing = False  # the drain is over: no new connections, answers close theirs
         self._server: asyncio.base_events.Server | None = None
-        self._idle_event: asyncio.Event | None = None
+        # Set while a shutdown waits for requests to end; every ended request sets it.
+        # Set while a shutdown waits for requests to end: each ended request sets it.
+        self.idle_event: asyncio.Event | None = None
         self.overloaded_answer = error_response(
             503,
             "overloaded",
@@ -335,12 +337,13 @@ class Server:
     def track(self, task: asyncio.Task[None]) -> None:
         """Keep a request task known until it finishes, so shutdown can answer it."""
         self.tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(self.task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def task_done(self, task: asyncio.Task[None]) -> None:
+        """A tracked task ended: forget it (and wake a waiting shutdown)."""
         self.tasks.discard(task)
-        if self._idle_event is not None:
-            self._idle_event.set()
+        if self.idle_event is not None:
+            self.idle_event.set()
 
     @property
     def busy(self) -> int:
@@ -363,7 +366,7 @@ class Server:
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
         self.stopping = True
-        self._idle_event = asyncio.Event()
+        self.idle_event = asyncio.Event()
         drain = min(drain_period, grace)
         if drain > 0:
             waiter = hurry if hurry is not None else asyncio.Event()
@@ -374,10 +377,10 @@ class Server:
                 pass
         self.stop_accepting()
         while (self.busy or self.tasks) and loop.time() < end:
-            self._idle_event.clear()
+            self.idle_event.clear()
             try:
                 async with asyncio.timeout(max(0.0, end - loop.time())):
-                    await self._idle_event.wait()
+                    await self.idle_event.wait()
             except TimeoutError:
                 break
         return await self._finish()
@@ -413,8 +416,8 @@ class Server:
 
     def connection_idle(self) -> None:
         """A connection finished a request (wakes a waiting shutdown)."""
-        if self._idle_event is not None:
-            self._idle_event.set()
+        if self.idle_event is not None:
+            self.idle_event.set()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -695,8 +698,11 @@ class ClientConnection(asyncio.Protocol):
             raise _refusal(refusal)
         length = req.content_length
         if req.chunked or length:
-            self._body_by = self._server.clock() + server.body_deadline
-            self._arm_body(server.body_timeout)
+            now = server.clock()
+            self._body_by = now + server.body_deadline
+            # What _arm_body does, inline on the hot path (one clock read for both).
+            self.deadline = min(self._body_by, now + server.body_timeout)
+            self._deadline_kind = _BODY
         else:
             self.deadline, self._deadline_kind = 0.0, _NO_DEADLINE
         if req.chunked or (length is not None and length > server.max_buffered_body):
@@ -787,7 +793,11 @@ class ClientConnection(asyncio.Protocol):
         if self.overloaded:
             self.finish(self._server.overloaded_answer, keep_alive=False)
             return
-        self._server.track(self._loop.create_task(self._server.forward(req, self)))
+        # Server.track, inline on the hot path: shutdown answers the tasks it knows.
+        server = self._server
+        task = self._loop.create_task(server.forward(req, self))
+        server.tasks.add(task)
+        task.add_done_callback(server.task_done)
 
     async def _finish_later(self, answer: Awaitable[bytes], req: Request) -> None:
         self.finish(await answer, keep_alive=self.keeps_alive(req))
@@ -845,7 +855,8 @@ class ClientConnection(asyncio.Protocol):
     def _done(self, keep_alive: bool) -> None:
         self.busy = False
         self._current = None
-        self._server.connection_idle()
+        if self._server.idle_event is not None:  # a shutdown waits: wake it
+            self._server.connection_idle()
         if self.closed:
             return
         if not keep_alive or self._server.closing or self.overloaded:

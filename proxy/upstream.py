@@ -242,7 +242,13 @@ class Connection(asyncio.Protocol):
                 self._feed_past_room(data, room)
                 return
             self._head_room = room - len(data)
-        elif self._chunked:
+            # What _feed does, inline: an answer usually arrives in this one read.
+            try:
+                self._parser.feed_data(data)
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+                self._feed_failed(exc)
+            return
+        if self._chunked:
             # Chunk sizes and trailers are bounded like a head: reset by every body byte.
             self._framing += len(data)
             self._feed(data)
@@ -272,11 +278,15 @@ class Connection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+            self._feed_failed(exc)
+
+    def _feed_failed(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserUpgrade):
             self._fail(
                 TransportError.BAD_RESPONSE, "upstream tried to switch protocols", started=True
             )
-        except httptools.HttpParserError as exc:
+        else:
             cause = exc.__context__
             if isinstance(cause, _Extra):
                 self.abort()  # the answer itself was whole; what followed it poisons the connection
