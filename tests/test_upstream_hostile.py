@@ -429,3 +429,67 @@ async def test_local_fd_exhaustion_is_a_503_and_never_opens_a_breaker(raw_upstre
     answers, _ = await exchange(sc.port, GET)
     assert answers[0].status == 200
     assert requests_with(sc, "local_resources") == 20
+
+
+@pytest.mark.parametrize(("trailers", "status"), [(98, 200), (99, 502)])
+async def test_trailer_fields_count_against_the_header_limit(raw_upstream, make_sidecar, trailers, status):
+    """A chunked answer's trailer fields count against upstream.max_headers with its head's: at the limit passes, over is a 502."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n" + b"".join(b"X-T%d: v\r\n" % i for i in range(trailers)) + b"\r\n"
+    )
+    up = await raw_upstream(lambda r: answer)
+    sc = await make_sidecar(up.url, retry={"max_attempts": 1})
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].status == status
+
+
+async def test_trailers_over_the_limit_in_a_later_read_are_a_502(raw_upstream, make_sidecar):
+    """Trailer fields arriving in reads after the head's are counted too: over the limit is a 502."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    rest = b"2\r\n{}\r\n0\r\n" + b"".join(b"X-T%d: v\r\n" % i for i in range(120)) + b"\r\n"
+
+    async def write(transport: asyncio.Transport) -> None:
+        transport.write(head)
+        for i in range(0, len(rest), 50):
+            await asyncio.sleep(0)
+            transport.write(rest[i : i + 50])
+
+    up = await raw_upstream(lambda r: write)
+    sc = await make_sidecar(up.url, retry={"max_attempts": 1})
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].status == 502
+
+
+async def test_fields_of_a_trickled_head_after_an_interim_answer_pass_exactly(raw_upstream, make_sidecar):
+    """An interim 103's fields are dropped; the final head, arriving a few bytes per read, passes its fields with their values exact."""
+    answer = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + json_answer(
+        200, b"{}", b"Request-Id:   req_trickled", b"X-Odd:\tv  ", b"Stripe-Should-Retry: false"
+    )
+
+    async def write(transport: asyncio.Transport) -> None:
+        for i in range(0, len(answer), 7):
+            transport.write(answer[i : i + 7])
+            await asyncio.sleep(0)
+
+    up = await raw_upstream(lambda r: write)
+    sc = await make_sidecar(up.url, retry={"max_attempts": 1})
+    answers, _ = await exchange(sc.port, GET)
+    assert answers[0].status == 200 and answers[0].body == b"{}"
+    assert answers[0].header("Link") is None
+    assert answers[0].header("Request-Id") == b"req_trickled"
+    assert answers[0].header("Stripe-Should-Retry") == b"false"
+    assert answers[0].header("X-Odd") == b"v  "
+
+
+async def test_head_over_the_field_limit_is_a_502_before_it_ends(raw_upstream, make_sidecar):
+    """A head that has sent more than upstream.max_headers fields is a 502 at once, even though it never ends."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(102))
+
+    async def write(transport: asyncio.Transport) -> None:
+        transport.write(head)  # and nothing more: the head never ends
+
+    up = await raw_upstream(lambda r: write)
+    sc = await make_sidecar(up.url, retry={"max_attempts": 1, "attempt_timeout": 30.0})
+    answers, _ = await asyncio.wait_for(exchange(sc.port, GET), 10)
+    assert answers[0].status == 502
