@@ -29,7 +29,8 @@ demo: $(VENV)/.installed
 # The status page is tested in a real headless Chromium, fleet state against a real Redis
 # (Debian's packages; CI runs as root).
 test: lint tests/node/node_modules/.package-lock.json system-test-deps
-	$(BIN)/python -m pytest -q -n 4 --dist worksteal --random-order-bucket=global
+	$(BIN)/python -m pytest -q -n 4 --dist worksteal --random-order-bucket=global -m "not wallclock"
+	$(BIN)/python -m pytest -q -n 0 --random-order-bucket=global -m wallclock
 
 # Real servers and tools the tests run, from Debian, installed in one apt-get run when missing
 # (CI runs as root on a fresh machine): Chromium for the status page, redis-server for the

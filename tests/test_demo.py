@@ -300,6 +300,7 @@ async def test_outage_fails_fast_through_the_sidecar() -> None:
     assert c.sidecar.upstream_attempts < c.sidecar.attempted / 2
 
 
+@pytest.mark.wallclock
 async def test_outage_phase_sheds_load_fails_fast_and_traffic_flows_again() -> None:
     """Stripe down for 7 s: it sees <= 15% of the app's requests (<= 5% once the breaker opened),
     the sidecar's count of fail-fast answers matches the app's, and traffic flows again."""
@@ -407,6 +408,7 @@ def test_rate_limit_summary_counts_against_the_books() -> None:
     assert "5 (5.0%)" in text and "0.5 (1.0%)" in text
 
 
+@pytest.mark.wallclock
 async def test_rate_limit_phase_learns_the_limit_through_the_sidecar() -> None:
     """The phase itself, shortened: directly ~2/3 rate limited; through the sidecar at most 10%,
     >= 80% of the limit used (tests/test_ratelimit_live.py measures the longer run)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 from loadgen import KEY, offer
 from redisserver import RedisServer
@@ -131,6 +132,7 @@ def _window(books: list[dict[str, Any]], end: dict[str, Any]) -> tuple[int, int]
     return limited, end["requests"] - start["requests"]
 
 
+@pytest.mark.wallclock
 async def test_two_replicas_share_the_account_limit(tmp_path: Path, redis_url):
     """Two sidecar processes sharing Redis, 150 req/s each against 100 req/s: from 3 s on, < 10% of what reaches Stripe is limited and >= 80% of the limit succeeds."""
     seconds, rate, limit, skip = 8.0, 150.0, 100.0, 3

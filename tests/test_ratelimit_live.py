@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from loadgen import offer
 
 from proxy.simulator import FaultProfile, start_simulator
 
 
+@pytest.mark.wallclock
 async def test_healthy_upstream_300_per_second_passes_untouched(make_sidecar):
     """Default config, 300 req/s mixed for 3 s: every request is answered by Stripe, none refused or delayed."""
     async with start_simulator() as sim:
@@ -30,6 +32,7 @@ def _share_limited(before: dict[str, Any], after: dict[str, Any]) -> tuple[int, 
     return limited, after["requests"] - before["requests"]
 
 
+@pytest.mark.wallclock
 async def test_account_limit_is_found_and_used_through_the_sidecar(make_sidecar):
     """Account at 50/s, app offering 150/s for 10 s: after 4 s at most 10% of what reaches Stripe is limited, >= 80% of the limit succeeds."""
     async with start_simulator(profile=FaultProfile(account_rate=50.0)) as sim:
