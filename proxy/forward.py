@@ -238,19 +238,11 @@ class Forwarder:
         self._sleep = sleep
         self.router = Router(config.upstream.routes)
         self.pools = _pools(config, self.deadlines)
-        self.host_breaker = CircuitBreaker(
-            config.host_breaker, clock, self._on_transition("upstream")
-        )
-        self._host_breaker = self.host_breaker if config.host_breaker.enabled else None
-        self.limiter = RateLimiter(config.ratelimit, clock) if config.ratelimit.enabled else None
+        self._guards(config, clock)
         # With a fleet-shared limiter: the app's Authorization, from its first request and its
         # latest rate-limited one, names the account whose state is shared (never stored).
         self.fleet_auth: bytes | None = None
         self._learn_auth = self.limiter is not None and config.ratelimit.shared is not None
-        r = config.retry
-        self.budget = RetryBudget(r.budget_ratio, r.budget_min_per_second, r.budget_window, clock)
-        b = config.bulkhead
-        self.bulkhead = Bulkhead(b.max_in_flight, b.max_wait, self.deadlines) if b.enabled else None
         self._inject = config.idempotency.inject
         # Injected keys: a random 128-bit base drawn once per process, then a counter. Unique by
         # construction (a key reused for another request would make Stripe replay the wrong
@@ -264,6 +256,18 @@ class Forwarder:
             deadlines=self.deadlines,
         )
         metrics.breaker_state.labels("upstream").set(0)
+
+    def _guards(self, config: Config, clock: Callable[[], float]) -> None:
+        """The host breaker, rate limiter, retry budget and bulkhead the config asks for."""
+        self.host_breaker = CircuitBreaker(
+            config.host_breaker, clock, self._on_transition("upstream")
+        )
+        self._host_breaker = self.host_breaker if config.host_breaker.enabled else None
+        self.limiter = RateLimiter(config.ratelimit, clock) if config.ratelimit.enabled else None
+        r = config.retry
+        self.budget = RetryBudget(r.budget_ratio, r.budget_min_per_second, r.budget_window, clock)
+        b = config.bulkhead
+        self.bulkhead = Bulkhead(b.max_in_flight, b.max_wait, self.deadlines) if b.enabled else None
 
     # -- set-up -------------------------------------------------------------------------------
     def _on_transition(self, scope: str) -> Callable[[BreakerState, BreakerState], None]:

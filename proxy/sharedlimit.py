@@ -269,6 +269,11 @@ class SharedLimit:
         self.up: bool | None = None  # None until the first round trip
         self.error: str | None = None
         self.syncs = 0  # successful syncs (tests poll it)
+        self._metrics(registry)
+        limiter.on_throttle = self._on_throttle
+
+    def _metrics(self, registry: CollectorRegistry) -> None:
+        """The fleet link's own series: up or not, and its round trips by result."""
         self._up_gauge = Gauge(
             "stripe_sidecar_ratelimit_shared_up",
             "1 while the shared rate-limit store (ratelimit.shared) answers, 0 when not.",
@@ -282,7 +287,6 @@ class SharedLimit:
         )
         self._ok = self._rounds.labels("ok")
         self._failed = self._rounds.labels("error")
-        limiter.on_throttle = self._on_throttle
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
