@@ -20,18 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
-__all__ = ["RedisServer", "free_port", "redis_server", "redis_url"]
+__all__ = ["RedisServer", "redis_server", "redis_url"]
 
 _BINARY = "redis-server"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _ping(port: int) -> bool:

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,22 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ports import accepts, free_port
 
 __all__ = ["SidecarProcess"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 class SidecarProcess:
@@ -41,7 +27,7 @@ class SidecarProcess:
     def __init__(self, directory: Path, config: dict[str, Any], env: dict[str, str] | None = None):
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         server = {"drain_period": 0, "shutdown_grace": 2.0, **config.get("server", {})}
         server["listen"] = f"127.0.0.1:{self.port}"
@@ -65,7 +51,7 @@ class SidecarProcess:
     async def started(self, timeout: float = 20.0) -> None:
         """Poll until the port accepts; the process must not exit meanwhile."""
         deadline = time.monotonic() + timeout
-        while not await asyncio.to_thread(_accepts, self.port):
+        while not await asyncio.to_thread(accepts, self.port):
             assert self.proc is not None and self.proc.poll() is None, self.log()[-3000:]
             assert time.monotonic() < deadline, "the sidecar never listened"
             await asyncio.sleep(0.05)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from ports import free_port
 from waiting import poll
 
 from proxy.simulator import start_simulator
@@ -223,7 +223,7 @@ async def test_account_rate_limit_raises_rate_limited(sim: Any, make_sidecar: An
 
 async def test_dropped_network_raises_network_failure_at_connect(make_sidecar: Any) -> None:
     """With the upstream port closed, network_failure names the connect step; it clears when the port is back."""
-    port = _free_port()
+    port = free_port()
     stack = contextlib.AsyncExitStack()
     sim = await stack.enter_async_context(start_simulator(port=port))
     sidecar = await make_sidecar(sim.url, **FAST)
@@ -320,13 +320,6 @@ def _profile(**fields: Any) -> Any:
 
 async def _enough(traffic: Traffic, n: int) -> bool:
     return len(traffic.statuses) >= n
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 
 async def test_reused_idempotency_keys_raise_idempotency_misuse(sim: Any, make_sidecar: Any) -> None:

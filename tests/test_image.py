@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 from dockerfile import Stage, parse_dockerfile
 from packaging.requirements import Requirement
+from ports import free_port
 
 from proxy.simulator import start_simulator
 
@@ -178,12 +178,6 @@ def _copy_requirements(requirements: list[Requirement], site: Path) -> None:
         todo += [Requirement(r) for r in dist.requires or []]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _as_nobody() -> Callable[[], None] | None:
     """Drop to nobody in the child when the tests run as root (CI); else the caller is not root."""
     if os.geteuid() != 0:
@@ -246,7 +240,7 @@ async def test_entrypoint_as_non_root_serves_health(fresh_venv: Path) -> None:
             k: v.replace(VENV_IN_IMAGE, str(fresh_venv)).replace(STORE_IN_IMAGE, str(store))
             for k, v in image_env.items()
         }
-        port = _free_port()
+        port = free_port()
         host, _, image_port = env["STRIPE_SIDECAR_LISTEN"].rpartition(":")
         assert (host, image_port) == ("0.0.0.0", "8080")
         env["STRIPE_SIDECAR_LISTEN"] = f"{host}:{port}"  # the image's host; a free port here

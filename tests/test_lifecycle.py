@@ -7,7 +7,6 @@ import asyncio
 import json
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ports import accepts, free_port
 from rawclient import Answer, exchange
 
 from proxy.simulator import start_simulator
@@ -36,25 +36,11 @@ def _create_customer(key: bytes | None) -> bytes:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
 class Sidecar:
     """A `python -m proxy serve` subprocess with a config file; its log goes to a file."""
 
     def __init__(self, tmp: Path, upstream: str, server: dict[str, Any], preexec: Callable[[], None] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         config = {
             "server": {"listen": f"127.0.0.1:{self.port}", **server},
             "upstream": {"override": upstream},
@@ -74,7 +60,7 @@ class Sidecar:
     async def started(self) -> None:
         """Poll until the port accepts (the process must not exit meanwhile)."""
         deadline = time.monotonic() + 15
-        while not await asyncio.to_thread(_accepts, self.port):
+        while not await asyncio.to_thread(accepts, self.port):
             assert self.proc.poll() is None, self.log()
             assert time.monotonic() < deadline, "the sidecar never listened"
             await asyncio.sleep(0.05)
@@ -133,7 +119,7 @@ async def test_sigterm_drains_then_answers_held_requests_503_with_their_keys(tmp
             during, _ = await exchange(sc.port, BALANCE)  # a new connection, during the drain
             assert ready[0].json() == {"ready": False, "breakers": {}}
             assert during[0].status == 200, during[0].body
-            await _poll(lambda: _not(asyncio.to_thread(_accepts, sc.port)), "the listener to close")
+            await _poll(lambda: _not(asyncio.to_thread(accepts, sc.port)), "the listener to close")
             (own_answer,), own_closed = await own
             (inj_answer,), inj_closed = await injected
             code = await sc.exit_code()
@@ -171,7 +157,7 @@ async def test_clean_shutdown_exits_0_and_a_second_signal_ends_the_drain(tmp_pat
             writer.write(BALANCE)  # the kept-alive connection, during the drain
             second = await _read_answer(reader)
             sc.proc.send_signal(signal.SIGTERM)  # the second one: no more draining
-            await _poll(lambda: _not(asyncio.to_thread(_accepts, sc.port)), "the listener to close")
+            await _poll(lambda: _not(asyncio.to_thread(accepts, sc.port)), "the listener to close")
             assert await reader.read() == b""  # the idle connection is closed after the drain
             writer.close()
             (posted,), _ = await pending

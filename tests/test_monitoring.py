@@ -8,7 +8,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ports import free_port
 from rawclient import exchange
 from rawupstream import Received, json_answer
 
@@ -104,12 +104,6 @@ def test_dashboard_shape() -> None:
         assert METRIC.search(expr), expr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _api(port: int, path: str, **params: str) -> Any:
     url = f"http://127.0.0.1:{port}/api/v1/{path}"
     if params:
@@ -171,7 +165,7 @@ async def test_prometheus_scrapes_every_metric_rules_and_dashboard_use(raw_upstr
     assert statuses == [503] * 8
     assert (await exchange(sc.port, CUSTOMER))[0][0].status == 202
 
-    port = _free_port()
+    port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         yaml.safe_dump(
             {
