@@ -90,6 +90,7 @@ class CircuitBreaker:
         "_state",
         "_track_operations",
         "_window",
+        "closed",
         "settings",
         "trips",
     )
@@ -108,6 +109,9 @@ class CircuitBreaker:
         self._on_transition = on_transition
         self._enabled = settings.enabled
         self._state = _CLOSED
+        # True while CLOSED, where try_acquire grants at once: the pipeline reads this instead
+        # of making the call (a read instead of a Python call per breaker per request).
+        self.closed = True
         self._slow_after = settings.slow_call_duration
         self._consecutive_limit = (
             settings.consecutive_failures if settings.consecutive_failures > 0 else math.inf
@@ -291,6 +295,7 @@ class CircuitBreaker:
     def _set_state(self, new: BreakerState) -> None:
         old = self._state
         self._state = new
+        self.closed = new is _CLOSED
         if self._on_transition is not None:
             self._on_transition(old, new)
 

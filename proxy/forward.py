@@ -17,7 +17,6 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, cast
 
 from proxy.breaker import BreakerState, CircuitBreaker
@@ -60,6 +59,7 @@ _BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerStat
 _OPEN_GATES = Gates()
 _NOT_YET = classify_response(200, None, None, None)  # a call's verdict before its first attempt
 _ANSWERED = Step(GiveUp.ANSWERED, 0.0, False)
+_WAIT = "(wait)"  # _admit: the bulkhead or the limiter must be waited for (compared by identity)
 
 class _Op:
     """Everything resolved once per operation template."""
@@ -83,69 +83,6 @@ class _Op:
         self.outbox = outbox  # the outbox's hook for a fallback: queue operation, else None
 
 
-class Permits:
-    """The breaker permits one attempt holds: taken before it, given back by its result.
-
-    Used as a context manager around a request's attempts, so a permit still held when the
-    request ends (a refusal, a bug, a cancellation) is released: a half-open breaker must get
-    its probe slot back, or it would fail fast until the probe timeout.
-    """
-
-    __slots__ = ("_host", "_name", "_op", "held")
-
-    def __init__(self, op: CircuitBreaker | None, host: CircuitBreaker | None, name: str) -> None:
-        self._op = op
-        self._host = host
-        self._name = name
-        self.held = False
-
-    def acquire(self) -> bool:
-        """Take a permit from the operation's breaker and the host's; False = fail fast."""
-        op, host = self._op, self._host
-        if op is not None and not op.try_acquire():
-            return False
-        if host is not None and not host.try_acquire():
-            if op is not None:
-                op.release()
-            return False
-        self.held = True
-        return True
-
-    def would_admit(self) -> bool:
-        """Whether :meth:`acquire` would succeed now (takes nothing)."""
-        op, host = self._op, self._host
-        return (op is None or op.would_admit()) and (host is None or host.would_admit())
-
-    def record(self, failure: bool, duration: float) -> None:
-        """Report the attempt's result to both breakers; the permits are spent."""
-        if self._op is not None:
-            self._op.record(failure, duration, self._name)
-        if self._host is not None:
-            self._host.record(failure, duration, self._name)
-        self.held = False
-
-    def release(self) -> None:
-        """Give the permits back unused."""
-        if self.held:
-            self.held = False
-            if self._op is not None:
-                self._op.release()
-            if self._host is not None:
-                self._host.release()
-
-    def __enter__(self) -> Permits:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.held:
-            self.release()
-
-
 class Call:
     """One request on its way through the pipeline: what each stage learned so far."""
 
@@ -155,6 +92,7 @@ class Call:
         "error",
         "has_key",
         "head",
+        "held",
         "in_bulkhead",
         "in_limiter",
         "injected",
@@ -180,6 +118,11 @@ class Call:
         self.head = b""  # the upstream request head, built once by the make-safe stage
         self.injected: bytes | None = None  # the Idempotency-Key the sidecar added
         self.has_key = req.idempotency_key is not None
+        # Breaker permits (the operation's and the host's) taken for an attempt not yet
+        # reported: whatever ends the request gives them back (Forwarder._release), as a
+        # half-open breaker must get its probe slot back or it would fail fast until the
+        # probe timeout.
+        self.held = False
         self.in_bulkhead = False
         self.in_limiter = False  # counted in flight by the rate limiter
         self.limiter_wait = 0.0
@@ -284,19 +227,17 @@ class Forwarder:
     def _operation(self, req: Request) -> _Op:
         """The request's operation, with its breaker, pool and bulkhead compartment."""
         name, host = self.router.resolve(req.method, req.path)
-        op = self._ops.get(name)
-        if op is None:
-            op = self._ops[name] = self._new_operation(name, host)
-        return op
+        return self._ops.get(name) or self._new_operation(name, host)
 
     def _new_operation(self, name: str, host: str) -> _Op:
+        """Resolve an operation seen for the first time, once (kept in ``_ops``)."""
         settings = self.config.for_operation(name)
         limits = settings.limits
         if self.limiter is not None and limits.endpoint_rate is not None:
             self.limiter.set_endpoint_limit(name, limits.endpoint_rate, limits.endpoint_burst)
         breaker = CircuitBreaker(settings.breaker, self._clock, self._on_transition(name))
         self.metrics.breaker_state.labels(name).set(0)
-        return _Op(
+        op = self._ops[name] = _Op(
             name,
             self.pools.get(host) or self.pools["api"],
             settings,
@@ -306,6 +247,7 @@ class Forwarder:
             ),
             self.outbox if settings.fallback == "queue" else None,
         )
+        return op
 
     def breakers(self) -> dict[str, CircuitBreaker]:
         """Every enabled breaker by scope (``upstream`` for the host, then operations)."""
@@ -331,20 +273,25 @@ class Forwarder:
         ``call`` is given by :meth:`deliver` only; the server's requests make their own.
         """
         if call is None:
-            call = Call(req, conn, self._operation(req), self._clock())
+            name, host = self.router.resolve(req.method, req.path)  # _operation, inline
+            op = self._ops.get(name) or self._new_operation(name, host)
+            call = Call(req, conn, op, self._clock())
         metrics = self.metrics
         metrics.in_flight += 1
-        permits = Permits(call.op.breaker, self._host_breaker, call.op.name)
         try:
             try:
                 refusal = None
                 try:
-                    refusal = await self._admit(call, permits)
+                    # No coroutine for admission unless the bulkhead or the limiter must wait.
+                    refusal = self._admit(call)
+                    if refusal is _WAIT:
+                        refusal = await self._admit_waiting(call)
                     if refusal is None:
                         self._make_safe(call)
-                        await self._attempts(call, permits)
+                        await self._attempts(call)
                 finally:
-                    self._leave(call)
+                    if call.in_bulkhead or call.in_limiter:
+                        self._leave(call)
                 outbox = call.op.outbox
                 if outbox is not None and await outbox.offer(call, refusal, self):
                     pass  # stored durably, answered 202
@@ -355,12 +302,10 @@ class Forwarder:
                     if resp is None:
                         self._failed(call)
                     elif (ended := self.respond.upstream(call, resp)) is not None:
-                        await self._stream_ended(call, ended, permits)  # spent when it ends
+                        await self._stream_ended(call, ended)  # the permits are spent when it ends
             finally:
-                # Permits no attempt spent go back however the request ended (a try, not a
-                # with statement: two Python calls fewer per request).
-                if permits.held:
-                    permits.release()
+                if call.held:  # permits no attempt spent go back however the request ended
+                    self._release(call)
         except asyncio.CancelledError:  # the shutdown grace ran out (proxy.server.Server)
             self.respond.shutting_down(call)
             self._record(call)  # the record stage below is skipped: the task ends here
@@ -388,8 +333,12 @@ class Forwarder:
         self._make_safe(call)
 
     # -- admit ----------------------------------------------------------------------------------
-    async def _admit(self, call: Call, permits: Permits) -> str | None:
-        """Breakers, bulkhead, limiter; the reason to refuse, or None with everything taken."""
+    def _admit(self, call: Call) -> str | None:
+        """Breakers, bulkhead, limiter; the reason to refuse, or None with everything taken.
+
+        ``_WAIT``: the bulkhead or the limiter has to be waited for, which
+        :meth:`_admit_waiting` does (the breaker permits are taken, nothing after them).
+        """
         if self.keys is not None and self.keys.client_auth is not None:
             sent = call.req.authorization
             if sent is None or not hmac.compare_digest(sent, self.keys.client_auth):
@@ -398,13 +347,24 @@ class Forwarder:
         if self._learn_auth and call.req.authorization is not None:
             self.fleet_auth = call.req.authorization
             self._learn_auth = False
-        if not permits.acquire():
+        if not self._acquire(call):
             return "circuit_open"
-        bulkhead = self.bulkhead
-        compartment = call.op.compartment
         # The bulkhead before the limiter: a request it turns away takes no rate token.
-        if bulkhead is not None:
-            if not bulkhead.try_enter(compartment) and not await bulkhead.enter(compartment):
+        if self.bulkhead is not None:
+            if not self.bulkhead.try_enter(call.op.compartment):
+                return _WAIT
+            call.in_bulkhead = True
+        if self.limiter is not None:
+            if not self.limiter.try_enter(call.op.name):
+                return _WAIT  # a scope limits now: reserve, maybe wait, then acquire
+            call.in_limiter = True
+        return None
+
+    async def _admit_waiting(self, call: Call) -> str | None:
+        """The rest of :meth:`_admit` when the bulkhead or the limiter has to be waited for."""
+        bulkhead = self.bulkhead
+        if bulkhead is not None and not call.in_bulkhead:
+            if not await bulkhead.enter(call.op.compartment):
                 return "bulkhead_full"
             call.in_bulkhead = True
         limiter = self.limiter
@@ -433,6 +393,43 @@ class Forwarder:
             assert self.limiter is not None
             self.limiter.release(call.op.name)
             call.in_limiter = False
+
+    # -- breaker permits ------------------------------------------------------------------------
+    def _acquire(self, call: Call) -> bool:
+        """Take a permit from the operation's breaker and the host's; False = fail fast."""
+        op, host = call.op.breaker, self._host_breaker
+        # A closed breaker grants at once: its flag is read instead of calling try_acquire.
+        if op is not None and not op.closed and not op.try_acquire():
+            return False
+        if host is not None and not host.closed and not host.try_acquire():
+            if op is not None:
+                op.release()
+            return False
+        call.held = True
+        return True
+
+    def _would_admit(self, call: Call) -> bool:
+        """Whether :meth:`_acquire` would succeed now (takes nothing)."""
+        op, host = call.op.breaker, self._host_breaker
+        return (op is None or op.would_admit()) and (host is None or host.would_admit())
+
+    def _spend(self, call: Call, failure: bool, duration: float) -> None:
+        """Report the attempt's result to both breakers; the permits are spent."""
+        op, host = call.op.breaker, self._host_breaker
+        if op is not None:
+            op.record(failure, duration, call.op.name)
+        if host is not None:
+            host.record(failure, duration, call.op.name)
+        call.held = False
+
+    def _release(self, call: Call) -> None:
+        """Give the permits back unused."""
+        if call.held:
+            call.held = False
+            if call.op.breaker is not None:
+                call.op.breaker.release()
+            if self._host_breaker is not None:
+                self._host_breaker.release()
 
     # -- make safe ------------------------------------------------------------------------------
     def _make_safe(self, call: Call) -> None:
@@ -484,9 +481,9 @@ class Forwarder:
         return head_lines
 
     # -- attempt loop ---------------------------------------------------------------------------
-    async def _attempts(self, call: Call, permits: Permits) -> None:
+    async def _attempts(self, call: Call) -> None:
         """Send, classify, ask next_step; repeat until an answer is final."""
-        settings = call.op.retry
+        req, settings, deadlines = call.req, call.op.retry, self.deadlines
         while True:
             call.attempt += 1
             t0 = self._clock() if call.attempt > 1 else call.start
@@ -494,9 +491,24 @@ class Forwarder:
             if call.resp is not None:
                 call.resp.discard()  # the previous attempt's answer, now superseded
             call.resp = call.error = None
+            # An idle pooled connection, the common case, is used here: a coroutine fewer.
+            conn = call.op.pool.take_idle() if req.source is None else None
             try:
-                call.resp = await self._send(call, timeout)
-                resp = call.resp
+                if conn is None:
+                    resp = await self._send(call, timeout)
+                else:
+                    deadline = deadlines.clock() + timeout
+                    deadlines.arm_at(conn, deadline)
+                    try:
+                        resp = await conn.send(call.head, req.body, req.method == "HEAD")
+                    except UpstreamError as exc:
+                        deadlines.disarm(conn)
+                        if not _stale(call, conn, exc):
+                            raise
+                        resp = await self._resend(call, deadline)
+                    finally:
+                        deadlines.disarm(conn)
+                call.resp = resp
                 call.verdict = classify_response(
                     resp.status,
                     resp.should_retry,
@@ -504,55 +516,63 @@ class Forwarder:
                     resp.body_bytes() if resp.status >= 400 and resp.complete else None,
                 )
             except UpstreamError as exc:
-                call.error = exc
-                call.verdict = classify_transport_error(exc.kind)
-                if exc.caused_by_client:
-                    # The client stalled or left mid-body: nothing to learn about Stripe.
-                    permits.release()
-                    call.step = Step(GiveUp.CLIENT_GONE, 0.0, False)
-                    return
-                if exc.kind is TransportError.LOCAL_RESOURCES:
-                    # The sidecar's own fds or memory ran out: not Stripe's failure, and
-                    # trying again at once cannot help.
-                    permits.release()
-                    call.step = Step(GiveUp.ANSWERED, 0.0, False)
+                if self._transport_failed(call, exc):
                     return
             duration = self._clock() - t0
             call.latency = duration
             if call.resp is None or call.resp.complete:
-                permits.record(call.verdict.upstream_failure, duration)
+                self._spend(call, call.verdict.upstream_failure, duration)
             if call.verdict.outcome is Outcome.RATE_LIMITED and self.limiter is not None:
-                assert call.resp is not None
-                if call.req.authorization is not None:
-                    self.fleet_auth = call.req.authorization
-                # When it went out: a first attempt after its limiter wait, a retry at t0.
-                sent_at = t0 + call.limiter_wait if call.attempt == 1 else t0
-                self.limiter.on_rate_limited(call.op.name, call.resp.rate_limited_reason, sent_at)
-            step = self._next_step(call, permits)
-            if step.give_up is not None:
-                call.step = step
-            elif step.switch_key:
-                call.step = self._switch_key(call, permits, step)
+                self._rate_limited(call, t0)
+            # A final verdict with no held key to switch to: what next_step would answer.
+            if not call.verdict.retryable and call.key is None:
+                call.step = _ANSWERED
             else:
-                call.step = self._take_retry(call, permits, step)
+                call.step = self._next_step(call)
             self._emit_attempt(call, duration)
             if call.step.give_up is not None:
                 return
             if call.step.delay > 0:
                 await self._sleep(call.step.delay)
 
-    def _next_step(self, call: Call, permits: Permits) -> Step:
+    def _transport_failed(self, call: Call, exc: UpstreamError) -> bool:
+        """Note an attempt that got no answer; True if that ends the request at once."""
+        call.error = exc
+        call.verdict = classify_transport_error(exc.kind)
+        if exc.caused_by_client:
+            # The client stalled or left mid-body: nothing to learn about Stripe.
+            self._release(call)
+            call.step = Step(GiveUp.CLIENT_GONE, 0.0, False)
+            return True
+        if exc.kind is TransportError.LOCAL_RESOURCES:
+            # The sidecar's own fds or memory ran out: not Stripe's failure, and trying again
+            # at once cannot help.
+            self._release(call)
+            call.step = Step(GiveUp.ANSWERED, 0.0, False)
+            return True
+        return False
+
+    def _rate_limited(self, call: Call, t0: float) -> None:
+        """Tell the limiter about a 429 (and learn the account it throttles, for a fleet)."""
+        assert self.limiter is not None and call.resp is not None
+        if call.req.authorization is not None:
+            self.fleet_auth = call.req.authorization
+        # When it went out: a first attempt after its limiter wait, a retry at t0.
+        sent_at = t0 + call.limiter_wait if call.attempt == 1 else t0
+        self.limiter.on_rate_limited(call.op.name, call.resp.rate_limited_reason, sent_at)
+
+    def _next_step(self, call: Call) -> Step:
+        """Ask next_step what follows a retryable verdict (or a 401 with held keys); take what
+        the step needs (a retry budget token, breaker permits, a rate token, the next key)."""
         verdict, req, resp = call.verdict, call.req, call.resp
-        if not verdict.retryable and call.key is None:
-            return _ANSWERED  # what next_step answers for a final verdict with no key to switch
         retry_after = None
         if resp is not None and resp.retry_after is not None:
             retry_after = parse_retry_after(resp.retry_after, self._wall())
         if verdict.retryable:
-            gates = self._gates(call, permits)
+            gates = self._gates(call)
         else:  # with no key held, one attribute check
             gates = _OPEN_GATES if call.key is None else self._final_gates(call)
-        return next_step(
+        step = next_step(
             verdict,
             attempt=call.attempt,
             elapsed=self._clock() - call.start,
@@ -566,6 +586,11 @@ class Forwarder:
             rand=self._rand,
             switched_key=call.switched_key,
         )
+        if step.give_up is not None:
+            return step
+        if step.switch_key:
+            return self._switch_key(call, step)
+        return self._take_retry(call, step)
 
     def _final_gates(self, call: Call) -> Gates:
         """Gates for an answer that is not retryable: only a 401 with held keys may go again."""
@@ -577,16 +602,16 @@ class Forwarder:
             next_key_available=self.keys.next_after(call.key) is not None,
         )
 
-    def _switch_key(self, call: Call, permits: Permits, step: Step) -> Step:
+    def _switch_key(self, call: Call, step: Step) -> Step:
         """Move on to the next held key after a 401 (no budget, no backoff); or give up."""
         assert self.keys is not None and call.key is not None
-        if not permits.acquire():
+        if not self._acquire(call):
             return Step(GiveUp.BREAKER_OPEN, 0.0, True)
         used = call.key
         was_active = used is self.keys.active
         target = self.keys.fail_over(used)
         if target is None:  # cannot happen after next_step saw one; kept safe
-            permits.release()
+            self._release(call)
             return Step(GiveUp.KEYS_EXHAUSTED, 0.0, False)
         call.head = call.head.replace(used.line, target.line, 1)
         call.key = target
@@ -595,18 +620,18 @@ class Forwarder:
             self._on_key_failover(used, target, call.op.name)
         return step
 
-    def _gates(self, call: Call, permits: Permits) -> Gates:
+    def _gates(self, call: Call) -> Gates:
         """Read (without taking) the shared state a retry would need."""
         limiter = self.limiter
         return Gates(
             client_connected=not call.conn.closed,
             budget_available=self.budget.available(),
-            breakers_admit=permits.would_admit(),
+            breakers_admit=self._would_admit(call),
             limiter_wait=limiter.peek(call.op.name) if limiter is not None else 0.0,
             limiter_max_wait=self.config.ratelimit.max_wait,
         )
 
-    def _take_retry(self, call: Call, permits: Permits, step: Step) -> Step:
+    def _take_retry(self, call: Call, step: Step) -> Step:
         """Take what next_step saw was free: a budget token, breaker permits, a rate token.
 
         Time moves between the look and the take (a budget window may roll over), so each can
@@ -614,19 +639,34 @@ class Forwarder:
         """
         if not self.budget.try_acquire():
             return Step(GiveUp.BUDGET, 0.0, True)
-        if not permits.acquire():
+        if not self._acquire(call):
             return Step(GiveUp.BREAKER_OPEN, 0.0, True)
         if self.limiter is not None:
             wait = self.limiter.reserve(call.op.name, step.delay)
             if wait is None:
-                permits.release()
+                self._release(call)
                 return Step(GiveUp.RATE_LIMITED, 0.0, True)
             if wait > step.delay:
                 return Step(None, wait, True)
         return step
 
     async def _send(self, call: Call, timeout: float) -> Response:
-        """One attempt; a stale pooled connection is replaced once.
+        """One attempt on a new connection: none idle in the pool, or a streamed body.
+
+        A streamed body never goes on a possibly-stale pooled connection: it cannot be sent
+        again. (An idle pooled connection is used by :meth:`_attempts` itself.)
+        """
+        req = call.req
+        head_only = req.method == "HEAD"
+        deadline = self.deadlines.clock() + timeout
+        conn = await call.op.pool.connect()
+        with self._armed_until(conn, deadline):
+            if req.source is not None:
+                return await conn.send_streaming(call.head, req.source, head_only)
+            return await conn.send(call.head, req.body, head_only)
+
+    async def _resend(self, call: Call, deadline: float) -> Response:
+        """A stale pooled connection broke: the same attempt once more on a fresh one.
 
         A pooled connection the server closed just as it was reused breaks before any answer.
         A repeatable request then goes again at once on a fresh connection: a burst of stale
@@ -634,37 +674,15 @@ class Forwarder:
         send still counts as an attempt (Stripe may have received it), so metrics and
         ``Sidecar-Attempts`` tell the truth.
         """
-        req, pool = call.req, call.op.pool
-        head_only = req.method == "HEAD"
-        deadline = self.deadlines.clock() + timeout
-        if req.source is not None:
-            # Never a possibly-stale pooled connection: a streamed body cannot be sent again.
-            conn = await pool.connect()
-            with self._armed_until(conn, deadline):
-                return await conn.send_streaming(call.head, req.source, head_only)
-        conn = pool.take_idle() or await pool.connect()
-        self.deadlines.arm_at(conn, deadline)
-        try:
-            return await conn.send(call.head, req.body, head_only)
-        except UpstreamError as exc:
-            if (
-                not conn.reused
-                or exc.response_started
-                or exc.kind is TransportError.TIMEOUT
-                or not (call.has_key or req.method in REPEATABLE_METHODS)
-            ):
-                raise
-        finally:
-            self.deadlines.disarm(conn)
         lost = AttemptRecord(
             call.op.name, call.attempt, Outcome.CONNECTION_ERROR, 0, None, None, None,
             TransportError.RESET, 0.0, 0.0,
         )
         self._emit(lost)
         call.attempt += 1
-        fresh = await pool.connect()
+        fresh = await call.op.pool.connect()
         with self._armed_until(fresh, deadline):
-            return await fresh.send(call.head, req.body, head_only)
+            return await fresh.send(call.head, call.req.body, call.req.method == "HEAD")
 
     def _armed_until(self, conn: Connection, deadline: float) -> _Armed:
         return _Armed(self.deadlines, conn, deadline)
@@ -677,7 +695,7 @@ class Forwarder:
         self.respond.failure(call, error.caused_by_client, str(error))
 
     async def _stream_ended(
-        self, call: Call, ended: asyncio.Future[str | None], permits: Permits
+        self, call: Call, ended: asyncio.Future[str | None]
     ) -> None:
         """Wait for a streamed answer to end, then tell the breakers how its attempt went.
 
@@ -686,7 +704,7 @@ class Forwarder:
         """
         cut = await ended
         broke_off = cut == Outcome.CONNECTION_ERROR
-        permits.record(broke_off or call.verdict.upstream_failure, call.latency)
+        self._spend(call, broke_off or call.verdict.upstream_failure, call.latency)
         if cut is not None:
             call.outcome = cut
 
@@ -768,6 +786,16 @@ class _Armed:
 
     def __exit__(self, *exc_info: object) -> None:
         self._deadlines.disarm(self._conn)
+
+
+def _stale(call: Call, conn: Connection, exc: UpstreamError) -> bool:
+    """Whether a failed send was a stale pooled connection's, safe to send again at once."""
+    return (
+        conn.reused
+        and not exc.response_started
+        and exc.kind is not TransportError.TIMEOUT
+        and (call.has_key or call.req.method in REPEATABLE_METHODS)
+    )
 
 
 def _pools(config: Config, deadlines: Deadlines) -> dict[str, Pool]:

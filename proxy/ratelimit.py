@@ -332,6 +332,36 @@ class RateLimiter:
             return 0.0
         return self._reserve_limited(g, e, now, waiting_anyway)
 
+    def try_enter(self, endpoint: str) -> bool:
+        """:meth:`reserve` then :meth:`acquire` in one call, while nothing limits ``endpoint``.
+
+        True: counted as sent and in flight (give it back with :meth:`release`). False: nothing
+        was taken, as a scope limits its rate or its in-flight count; use the two calls then.
+        The dormant case, every request's path until Stripe throttles, pays one call.
+        """
+        if not self._enabled:
+            return True
+        g = self._global
+        e = self._scopes.get(endpoint)
+        if (
+            e is None
+            or g.limiting
+            or e.limiting
+            or g.concurrency.active
+            or e.concurrency.active
+        ):
+            return False
+        now = self._clock()
+        if now >= g.edge:
+            g.advance(now)
+        g.sent[g.idx] += 1
+        if now >= e.edge:
+            e.advance(now)
+        e.sent[e.idx] += 1
+        g.in_flight += 1
+        e.in_flight += 1
+        return True
+
     def peek(self, endpoint: str) -> float:
         """Seconds until ``endpoint`` could send, without taking or counting anything."""
         if not self._enabled:

@@ -514,14 +514,14 @@ async def test_an_internal_error_gives_its_half_open_probe_back(raw_upstream, ma
     clock.advance(30.0)
     assert breaker.retry_after() == 0
     healthy = True
-    real_attempt = sc.forwarder._send
+    real_make_safe = sc.forwarder._make_safe
 
-    async def broken(*args, **kwargs):
-        raise RuntimeError("a bug in the attempt path")
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug after admission, with the probe's permit taken")
 
-    sc.forwarder._send = broken
+    sc.forwarder._make_safe = broken
     answers, _ = await exchange(sc.port, GET)  # the probe: the bug answers 500
     assert answers[0].json()["error"]["code"] == "sidecar_internal_error"
-    sc.forwarder._send = real_attempt
+    sc.forwarder._make_safe = real_make_safe
     answers, _ = await exchange(sc.port, GET)  # the slot came back: a new probe goes through
     assert answers[0].status == 200
