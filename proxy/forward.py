@@ -290,8 +290,14 @@ class Forwarder:
                         self._make_safe(call)
                         await self._attempts(call)
                 finally:
-                    if call.in_bulkhead or call.in_limiter:
-                        self._leave(call)
+                    if call.in_bulkhead:  # the bulkhead's and the limiter's slots go back
+                        assert self.bulkhead is not None
+                        self.bulkhead.leave(call.op.compartment)
+                        call.in_bulkhead = False
+                    if call.in_limiter:
+                        assert self.limiter is not None
+                        self.limiter.release(call.op.name)
+                        call.in_limiter = False
                 outbox = call.op.outbox
                 if outbox is not None and await outbox.offer(call, refusal, self):
                     pass  # stored durably, answered 202
@@ -347,8 +353,15 @@ class Forwarder:
         if self._learn_auth and call.req.authorization is not None:
             self.fleet_auth = call.req.authorization
             self._learn_auth = False
-        if not self._acquire(call):
+        # What _acquire does, inline (a call fewer per request).
+        op, host = call.op.breaker, self._host_breaker
+        if op is not None and not op.closed and not op.try_acquire():
             return "circuit_open"
+        if host is not None and not host.closed and not host.try_acquire():
+            if op is not None:
+                op.release()
+            return "circuit_open"
+        call.held = True
         # The bulkhead before the limiter: a request it turns away takes no rate token.
         if self.bulkhead is not None:
             if not self.bulkhead.try_enter(call.op.compartment):
@@ -382,17 +395,6 @@ class Forwarder:
                 return "rate_limited"
             call.in_limiter = True
         return None
-
-    def _leave(self, call: Call) -> None:
-        """Give back the bulkhead slot and the limiter's in-flight slot the call holds."""
-        if call.in_bulkhead:
-            assert self.bulkhead is not None
-            self.bulkhead.leave(call.op.compartment)
-            call.in_bulkhead = False
-        if call.in_limiter:
-            assert self.limiter is not None
-            self.limiter.release(call.op.name)
-            call.in_limiter = False
 
     # -- breaker permits ------------------------------------------------------------------------
     def _acquire(self, call: Call) -> bool:
