@@ -498,3 +498,15 @@ def test_closing_resets_the_consecutive_count() -> None:
     call(breaker, True)
     call(breaker, True)
     assert breaker.state is CLOSED
+
+
+def test_closed_flag_follows_the_state() -> None:
+    """``closed`` is True exactly while the breaker is CLOSED (the pipeline reads it instead of try_acquire)."""
+    breaker, clock, _ = make(min_calls=1, open_duration=5.0, half_open_probes=1)
+    assert breaker.closed
+    trip(breaker)
+    assert not breaker.closed
+    clock.advance(5.0)
+    assert breaker.state is HALF_OPEN and not breaker.closed
+    call(breaker, False)
+    assert breaker.state is CLOSED and breaker.closed

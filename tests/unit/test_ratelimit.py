@@ -284,6 +284,30 @@ def test_concurrency_bound_probes_back_up() -> None:
     assert limiter.state()[OP]["max_in_flight"] == pytest.approx(20.0)
 
 
+def test_try_enter_is_reserve_and_acquire_while_nothing_limits() -> None:
+    """try_enter counts a request sent and in flight while dormant; with a scope limiting it takes nothing."""
+    limiter, clock = make(quiet_period=5.0)
+    assert limiter.try_enter(OP) is False  # an operation not seen yet: its scope is made by reserve
+    assert limiter.reserve(OP) == 0.0 and limiter.acquire(OP)
+    assert all(limiter.try_enter(OP) for _ in range(9))
+    twin, _ = make()
+    assert all(twin.reserve(OP) == 0.0 and twin.acquire(OP) for _ in range(10))
+    assert limiter.demand(OP) == twin.demand(OP) > 0  # counted as sent, like reserve
+    limiter.on_rate_limited(OP, "global-concurrency")  # 10 in flight: bound 7
+    for _ in range(10):
+        limiter.release(OP)
+    assert limiter.try_enter(OP) is False  # a bound applies: nothing counted
+    assert sum(limiter.acquire(OP) for _ in range(10)) == 7  # the full bound is still free
+    clock.advance(5.1)
+    for _ in range(7):
+        limiter.release(OP)
+    limiter.state()  # the quiet period passed: dormant again
+    assert limiter.try_enter(OP)
+    limiter.on_rate_limited(OP, "endpoint-rate")
+    limiter.on_rate_limited(OP, "endpoint-rate")
+    assert limiter.try_enter(OP) is False  # a rate applies: reserve decides the wait
+
+
 def test_wait_for_slot_gets_a_released_slot_and_gives_up_after_max_wait() -> None:
     """A waiter takes a slot freed while it polls; with none freed it gives up after max_wait."""
     limiter, _ = make(max_wait=0.2)
