@@ -299,7 +299,7 @@ class Forwarder:
                         self.limiter.release(call.op.name)
                         call.in_limiter = False
                 outbox = call.op.outbox
-                if outbox is not None and await outbox.offer(call, refusal, self):
+                if outbox is not None and await self._offer(outbox, call, refusal):
                     pass  # stored durably, answered 202
                 elif refusal is not None:
                     self._refuse(call, refusal)
@@ -322,6 +322,14 @@ class Forwarder:
         finally:
             metrics.in_flight -= 1
         self._record(call)
+
+    def _offer(self, outbox: Capture, call: Call, refusal: str | None) -> asyncio.Task[bool]:
+        """The outbox hook, run in a Task of its own (the request waits for it).
+
+        A store may need a current task (the redis client's time-outs do), which the server's
+        :class:`~proxy.reqtask.RequestTask` is not; cancelling the request cancels this Task.
+        """
+        return asyncio.ensure_future(outbox.offer(call, refusal, self))
 
     async def deliver(self, req: Request, conn: DeliveryConnection) -> Call:
         """Send a stored outbox item through the whole pipeline; the finished call.

@@ -24,6 +24,7 @@ from proxy import door
 from proxy.deadlines import Deadlines
 from proxy.errors import ClientGone
 from proxy.replies import error_response
+from proxy.reqtask import RequestTask
 
 __all__ = ["BodyStream", "ClientConnection", "Handler", "Request", "Server", "ShutdownReport"]
 
@@ -277,7 +278,7 @@ class Server:
         self.overflow = overflow
         self._on_overload = on_overload
         self.overloaded = 0  # connections in ``connections`` over the bound, answered 503
-        self.tasks: set[asyncio.Task[None]] = set()  # request tasks not finished yet
+        self.tasks: set[asyncio.Task[None] | RequestTask] = set()  # request tasks not finished
         self.stopping = False  # shutdown has begun: /ready says 503, serving goes on
         self.closing = False  # the drain is over: no new connections, answers close theirs
         self._server: asyncio.base_events.Server | None = None
@@ -339,7 +340,7 @@ class Server:
         self.tasks.add(task)
         task.add_done_callback(self.task_done)
 
-    def task_done(self, task: asyncio.Task[None]) -> None:
+    def task_done(self, task: asyncio.Task[None] | RequestTask) -> None:
         """A tracked task ended: forget it (and wake a waiting shutdown)."""
         self.tasks.discard(task)
         if self.idle_event is not None:
@@ -400,7 +401,7 @@ class Server:
         for task in left:
             task.cancel()
         if left:
-            await asyncio.wait(left, timeout=1.0)
+            await asyncio.wait([asyncio.ensure_future(t) for t in left], timeout=1.0)
         cut = 0
         for conn in list(self.connections):
             if conn.busy:
@@ -793,11 +794,9 @@ class ClientConnection(asyncio.Protocol):
         if self.overloaded:
             self.finish(self._server.overloaded_answer, keep_alive=False)
             return
-        # Server.track, inline on the hot path: shutdown answers the tasks it knows.
+        # Tracked, so shutdown answers it; a RequestTask, not a Task: ~5k instructions fewer.
         server = self._server
-        task = self._loop.create_task(server.forward(req, self))
-        server.tasks.add(task)
-        task.add_done_callback(server.task_done)
+        server.tasks.add(RequestTask(server.forward(req, self), self._loop, server.task_done))
 
     async def _finish_later(self, answer: Awaitable[bytes], req: Request) -> None:
         self.finish(await answer, keep_alive=self.keeps_alive(req))
