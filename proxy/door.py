@@ -17,6 +17,7 @@ __all__ = [
     "Refusal",
     "check_content_length",
     "check_framing",
+    "check_request",
     "check_target",
     "check_transfer_encoding",
     "check_version",
@@ -95,6 +96,38 @@ def check_target(method: str, path: str, operator_paths: Container[str]) -> Refu
             "encoded slashes, backslashes or control characters, which are refused.",
         )
     return None
+
+
+def check_request(
+    method: str,
+    target: bytes,
+    operator_paths: Container[str],
+    chunked: bool,
+    content_length: int | None,
+    max_body: int,
+) -> tuple[str, Refusal | None]:
+    """:func:`request_path` of ``target``, and :func:`check_target` or :func:`check_framing`.
+
+    One call for what every request goes through: a plain Stripe API path (printable ASCII, no
+    ``.``, ``%`` or ``\\``, so nothing :func:`is_unsafe_path` would decode) with unambiguous
+    framing within ``max_body`` is let through here; anything else takes the full checks.
+    """
+    path = target.split(b"?", 1)[0].decode("latin-1")
+    if (
+        path.startswith(API_PREFIXES)
+        and path.isascii()
+        and path.isprintable()
+        and "." not in path
+        and "%" not in path
+        and "\\" not in path
+        and method != "CONNECT"
+        and (content_length is None or (not chunked and content_length <= max_body))
+    ):
+        return path, None
+    return path, (
+        check_target(method, path, operator_paths)
+        or check_framing(chunked, content_length, max_body)
+    )
 
 
 def is_unsafe_path(path: str) -> bool:

@@ -47,6 +47,10 @@ REFUSED = [
     (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400, None),
     (b"GET /v1/customers HTTP/2.0\r\nHost: x\r\n\r\n", 505, "sidecar_http_version_not_supported"),
     (b"GET /v1/customers HTTP/0.9\r\nHost: x\r\n\r\n", 505, "sidecar_http_version_not_supported"),
+    # Kept alive by a Connection or Proxy-Connection field, as only HTTP/1.1 is by default.
+    (b"GET /v1/customers HTTP/2.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", 505, "sidecar_http_version_not_supported"),
+    (b"GET /v1/customers HTTP/2.0\r\nHost: x\r\nProxy-Connection: keep-alive\r\n\r\n", 505, "sidecar_http_version_not_supported"),
+    (b"GET /v1/customers HTTP/0.9\r\nHost: x\r\nproxy-connection: Keep-Alive\r\n\r\n", 505, "sidecar_http_version_not_supported"),
     (b"GET /v1/customers\r\nHost: x\r\n\r\n", 505, "sidecar_http_version_not_supported"),
     (b"GET /v1/customers HTTP/1.2\r\nHost: x\r\n\r\n", 400, None),
     (b"GET /v1/..;/admin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "sidecar_unsafe_path"),

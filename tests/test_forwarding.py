@@ -359,3 +359,34 @@ async def test_resend_after_a_reused_connection_breaks_is_counted(raw_upstream, 
 
 
 # A streamed answer that goes silent (cut at attempt_timeout): tests/test_timeouts.py.
+
+
+@pytest.mark.parametrize(
+    ("fields", "names"),
+    [
+        # A field named in Connection before the app's Authorization: the held key takes the
+        # Authorization line's place, not another's.
+        (
+            b"Connection: X-Hop\r\nX-Hop: 1\r\nX-Note: Authorization: kept\r\nAuthorization: Bearer sk_test_app\r\n",
+            [b"Host", b"X-Note", b"Authorization", b"Stripe-Version"],
+        ),
+        # Several Authorization fields: none of them goes on, a value that looks like one does.
+        (
+            b"Authorization: Bearer a\r\nX-Note: Authorization: kept\r\nAuthorization: Bearer b\r\n",
+            [b"Host", b"X-Note", b"Stripe-Version", b"Authorization"],
+        ),
+    ],
+)
+async def test_held_key_replaces_the_apps_authorization_and_nothing_else(raw_upstream, make_sidecar, fields, names):
+    """With held keys, the upstream gets the held key as the one Authorization, every other field
+    as sent, fields named in Connection dropped."""
+    held = "sk_test_51HeldPrimaryKeyValue"
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url, secret_keys=[held])
+    raw = b"GET /v1/customers/cus_1 HTTP/1.1\r\nHost: x\r\n" + fields + b"Stripe-Version: 2026-10-28\r\n\r\n"
+    answers, _ = await exchange(sc.port, raw)
+    assert answers[0].status == 200
+    got = [r for r in up.received if r.target == b"/v1/customers/cus_1"][-1]
+    assert got.names() == names
+    assert got.header("Authorization") == b"Bearer " + held.encode()
+    assert got.header("X-Note") == b"Authorization: kept"

@@ -9,6 +9,7 @@ import struct
 from collections.abc import Callable
 
 import httptools
+import pytest
 from rawclient import exchange, open_raw
 from rawupstream import Received, held, json_answer
 from unit.fakeclock import FakeClock
@@ -305,8 +306,10 @@ async def test_post_never_goes_twice_without_a_key_when_key_is_hop_by_hop(raw_up
 # -- 8. HTTP/1.0 clients and streamed answers -----------------------------------------------------
 
 
-async def test_http10_client_never_gets_a_chunked_answer(raw_upstream, make_sidecar):
-    """A streamed answer of unknown length to an HTTP/1.0 client is not chunk-framed (RFC 9112 7.1)."""
+@pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n", b"Proxy-Connection: keep-alive\r\n"])
+async def test_http10_client_never_gets_a_chunked_answer(raw_upstream, make_sidecar, connection):
+    """A streamed answer of unknown length to an HTTP/1.0 client (kept alive or not) is not
+    chunk-framed (RFC 9112 7.1)."""
     release = asyncio.Event()
     first, rest = b"a" * 40000, b"b" * 40000
 
@@ -319,7 +322,7 @@ async def test_http10_client_never_gets_a_chunked_answer(raw_upstream, make_side
     up = await raw_upstream(lambda r: stream)
     sc = await make_sidecar(up.url, upstream={"buffer_limit": 16384})
     reader, writer = await open_raw(sc.port)
-    writer.write(b"GET /v1/quotes/qt_1/pdf HTTP/1.0\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /v1/quotes/qt_1/pdf HTTP/1.0\r\nHost: x\r\n" + connection + b"\r\n")
     data = b""
     async with asyncio.timeout(5):
         while b"a" * 1000 not in data:

@@ -297,3 +297,36 @@ def test_more_path_tricks_are_refused(path: str) -> None:
 def test_segments_with_dots_and_other_characters_pass(path: str) -> None:
     """A segment of dots and letters is a name, not a dot segment."""
     assert door.check_target("GET", path, OPERATOR) is None
+
+
+_TARGETS = [
+    *UNSAFE,
+    "/v1/customers",
+    "/v1/customers/cus_123?expand[]=x&q=/../",
+    "/v2/core/events",
+    "/oauth/token",
+    "/health",
+    "/healthz",
+    "/admin",
+    "/",
+    "*",
+    "/v1",
+    "http://evil.example/v1/customers",
+    "evil.example:443",
+    "/v1/customers/cus%5F1",
+    "/v1/customers/caf\xe9",
+    "/v1/customers/X..",
+]
+_FRAMINGS = [(False, None), (False, 0), (False, 10), (False, 11), (True, None), (True, 3)]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "CONNECT"])
+@pytest.mark.parametrize("target", _TARGETS, ids=[_shown(t) for t in _TARGETS])
+def test_check_request_decides_as_the_checks_it_folds(method: str, target: str) -> None:
+    """check_request's answer (its common case included) is request_path's path and the refusal
+    of check_target, else of check_framing, for every path trick and framing."""
+    raw = target.encode("latin-1")
+    for chunked, length in _FRAMINGS:
+        path = door.request_path(raw)
+        expected = door.check_target(method, path, OPERATOR) or door.check_framing(chunked, length, 10)
+        assert door.check_request(method, raw, OPERATOR, chunked, length, 10) == (path, expected)
