@@ -29,6 +29,8 @@ __all__ = ["Responder"]
 _NO_BODY_STATUS = frozenset({204, 304})
 _SHOULD_RETRY = b"stripe-should-retry:"
 _NO_RETRY = b"Stripe-Should-Retry: false\r\n"
+# Status codes as text, for the status line (llhttp reads exactly three digits).
+_CODES = [b"%d" % code for code in range(1000)]
 
 
 class _StreamSink:
@@ -90,17 +92,19 @@ class Responder:
     def _sidecar_lines(self, call: Call, outcome: str, echoed: bool) -> bytes:
         if not self._sidecar_headers:
             return b""
-        key = (call.attempt, outcome)
-        lines = self._lines_cache.get(key)
-        if lines is None:
-            lines = b"Sidecar-Attempts: %d\r\nSidecar-Outcome: %s\r\n" % (
-                call.attempt,
-                outcome.encode(),
-            )
-            if len(self._lines_cache) < 256:
-                self._lines_cache[key] = lines
+        lines = self._attempt_lines(call.attempt, outcome)
         if call.injected is not None and not echoed:
             lines += b"Idempotency-Key: " + call.injected + b"\r\n"
+        return lines
+
+    def _attempt_lines(self, attempt: int, outcome: str) -> bytes:
+        """``Sidecar-Attempts`` and ``Sidecar-Outcome``, made once per pair (bounded)."""
+        key = (attempt, outcome)
+        lines = self._lines_cache.get(key)
+        if lines is None:
+            lines = b"Sidecar-Attempts: %d\r\nSidecar-Outcome: %s\r\n" % (attempt, outcome.encode())
+            if len(self._lines_cache) < 256:
+                self._lines_cache[key] = lines
         return lines
 
     # -- Stripe's answer ------------------------------------------------------------------------
@@ -108,9 +112,11 @@ class Responder:
         """Pass Stripe's answer on; a streamed one returns a future that resolves at its end."""
         verdict = call.verdict
         conn = call.conn
-        call.status, call.outcome = resp.status, verdict.outcome
+        req = call.req
+        status = resp.status
+        call.status, call.outcome = status, verdict.outcome
         headers = resp.headers
-        keep_alive = conn.keeps_alive(call.req)
+        keep_alive = conn.keeps_alive(req)
         if verdict.retryable and call.settled:
             if (
                 verdict.outcome is Outcome.GATEWAY_ERROR
@@ -124,32 +130,36 @@ class Responder:
                 return None
             headers = [h for h in headers if not h[:20].lower().startswith(_SHOULD_RETRY)]
             headers.append(_NO_RETRY)
-        head = b"HTTP/1.1 %d %s\r\n%b%b%b" % (
-            resp.status,
-            resp.reason,
-            b"".join(headers),
-            self._sidecar_lines(call, verdict.outcome, resp.idempotency_key is not None),
-            self.diagnosis_line,
-        )
-        if not resp.complete and resp.content_length is None and not call.req.http11:
+        # The answer in pieces, joined once: no formatted intermediate heads.
+        parts = [b"HTTP/1.1 ", _CODES[status], b" ", resp.reason, b"\r\n", *headers]
+        if self._sidecar_headers:
+            # The cache read inline: _attempt_lines is called only to fill it.
+            lines = self._lines_cache.get((call.attempt, verdict.outcome))
+            if lines is None:
+                lines = self._attempt_lines(call.attempt, verdict.outcome)
+            parts.append(lines)
+            if call.injected is not None and resp.idempotency_key is None:
+                parts += (b"Idempotency-Key: ", call.injected, b"\r\n")
+        parts.append(self.diagnosis_line)
+        if not resp.complete and resp.content_length is None and not req.http11:
             keep_alive = False  # HTTP/1.0 knows no chunking: the end of the body is the close
         if not keep_alive:
-            head += b"Connection: close\r\n"
-        status = resp.status
-        if call.req.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
+            parts.append(b"Connection: close\r\n")
+        if req.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
             if resp.content_length is not None and status != 204:
-                head += b"Content-Length: %d\r\n" % resp.content_length
-            conn.finish(head + b"\r\n", keep_alive=keep_alive)
+                parts.append(b"Content-Length: %d\r\n" % resp.content_length)
+            parts.append(b"\r\n")
+            conn.finish(b"".join(parts), keep_alive=keep_alive)
             resp.discard()
             return None
         if resp.complete:
             body = resp.body
             size = len(body[0]) if len(body) == 1 else sum(map(len, body))
-            conn.finish(
-                b"".join([head, b"Content-Length: %d\r\n\r\n" % size, *body]), keep_alive=keep_alive
-            )
+            parts.append(b"Content-Length: %d\r\n\r\n" % size)
+            parts += body
+            conn.finish(b"".join(parts), keep_alive=keep_alive)
             return None
-        return self._stream(call, resp, head, keep_alive)
+        return self._stream(call, resp, b"".join(parts), keep_alive)
 
     def _stream(
         self, call: Call, resp: Response, head: bytes, keep_alive: bool

@@ -681,7 +681,7 @@ class ClientConnection(asyncio.Protocol):
             # Kept as one whole line, so that a held key can take its place (forward.py).
             req.auth_at = len(req.head) if req.authorization is None else -2
             req.authorization = value
-            req.head.append(name + b": " + value + b"\r\n")
+            req.head.append(b"".join((name, b": ", value, b"\r\n")))
             return
         req.head += (name, b": ", value, b"\r\n")
 
@@ -797,7 +797,11 @@ class ClientConnection(asyncio.Protocol):
         parts = self._body_parts
         if parts:
             req.body = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._enqueue(req)
+        if self.busy or self._write_paused:  # what _enqueue does, inline: a call less
+            self._queue.append(req)
+            self.pause_reading()
+        else:
+            self._start(req)
 
     # -- dispatch ---------------------------------------------------------------------------
     def _enqueue(self, req: Request) -> None:
@@ -861,35 +865,7 @@ class ClientConnection(asyncio.Protocol):
         """Write a complete answer and move on to the next request (or close)."""
         if self.transport is not None:
             self.transport.write(data)
-        self._done(keep_alive)
-
-    def start_stream(self, head: bytes) -> None:
-        """Write the head of an answer whose body follows through ``stream_*``."""
-        self._write(head)
-
-    def set_streaming(self, response: Any) -> None:
-        """The upstream answer being streamed (for backpressure and cleanup)."""
-        self._streaming = response
-
-    async def drain(self) -> None:
-        """Wait until the client has taken what was written (flow control)."""
-        if self._write_paused and not self.closed:
-            waiter = self._loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
-
-    def end_stream(self, tail: bytes, *, keep_alive: bool) -> None:
-        """The streamed answer is complete."""
-        self._streaming = None
-        self.finish(tail, keep_alive=keep_alive)
-
-    def abort(self) -> None:
-        """The answer cannot be completed: cut the connection so the client sees a broken answer."""
-        self._streaming = None
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _done(self, keep_alive: bool) -> None:
+        # The request is done (inline here, one call less per request).
         self.busy = False
         self._current = None
         if self._server.idle_event is not None:  # a shutdown waits: wake it
@@ -916,6 +892,32 @@ class ClientConnection(asyncio.Protocol):
                 return
             self.deadline = self._server.clock() + self._server.idle_timeout
             self._deadline_kind = _IDLE
+
+    def start_stream(self, head: bytes) -> None:
+        """Write the head of an answer whose body follows through ``stream_*``."""
+        self._write(head)
+
+    def set_streaming(self, response: Any) -> None:
+        """The upstream answer being streamed (for backpressure and cleanup)."""
+        self._streaming = response
+
+    async def drain(self) -> None:
+        """Wait until the client has taken what was written (flow control)."""
+        if self._write_paused and not self.closed:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def end_stream(self, tail: bytes, *, keep_alive: bool) -> None:
+        """The streamed answer is complete."""
+        self._streaming = None
+        self.finish(tail, keep_alive=keep_alive)
+
+    def abort(self) -> None:
+        """The answer cannot be completed: cut the connection so the client sees a broken answer."""
+        self._streaming = None
+        if self.transport is not None:
+            self.transport.abort()
 
     def _close_after_refusal(self) -> None:
         refusal, self._pending_refusal = self._pending_refusal, None
