@@ -28,7 +28,7 @@ from proxy.keycheck import KeyKeeper, read_keys_file
 from proxy.keys import ENV_KEYS, ENV_TOKEN, HeldKey, KeySet, keys_from_env
 from proxy.log import Logger
 from proxy.metrics import CONTENT_TYPE, Metrics
-from proxy.observers import AccessLog, MetricsRecorder
+from proxy.observers import BuiltinObserver
 from proxy.outbox.service import Outbox
 from proxy.records import Observer
 from proxy.replies import reason_phrase
@@ -133,8 +133,7 @@ class Sidecar:
             metrics=self.metrics,
             logger=self.log,
             observers=[
-                MetricsRecorder(self.metrics),
-                AccessLog(self.log),
+                BuiltinObserver(self.metrics, self.log),
                 *([self.diagnosis.recorder] if self.config.diagnosis.enabled else []),
                 *self._extra_observers,
             ],

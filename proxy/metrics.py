@@ -24,13 +24,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 
-__all__ = ["CONTENT_TYPE", "Metrics", "OperationMetrics", "add_observations"]
+__all__ = ["BOUNDS", "CONTENT_TYPE", "Metrics", "OperationMetrics", "add_observations"]
 
 # The exposition format generate_latest writes, as the library names it.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The upper bounds of every bucket, +Inf last, as prometheus_client's Histogram keeps them.
-_BOUNDS = (*LATENCY_BUCKETS, float("inf"))
+BOUNDS = _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 _NS = "stripe_sidecar"
 
@@ -208,21 +208,21 @@ class OperationMetrics:
     """One operation's per-request counts, kept in plain numbers until :meth:`flush`."""
 
     __slots__ = (
-        "_attempt_buckets",
         "_attempt_child",
-        "_attempt_sum",
-        "_attempts",
         "_attempts_children",
         "_key_child",
-        "_keys_injected",
         "_m",
         "_method",
         "_operation",
-        "_request_buckets",
         "_request_child",
-        "_request_sum",
-        "_requests",
         "_requests_children",
+        "attempt_buckets",
+        "attempt_counts",
+        "attempt_sum",
+        "key_count",
+        "request_buckets",
+        "request_counts",
+        "request_sum",
     )
 
     def __init__(self, metrics: Metrics, operation: str) -> None:
@@ -230,14 +230,16 @@ class OperationMetrics:
         self._operation = operation
         self._method = operation.split(" ", 1)[0]
         # Pending counts since the last flush: answers by (status // 100, outcome), attempts by
-        # outcome, observations per latency bucket and their sums, injected keys.
-        self._requests: dict[tuple[int, str], int] = {}
-        self._attempts: dict[str, int] = {}
-        self._request_buckets = [0] * len(_BOUNDS)
-        self._attempt_buckets = [0] * len(_BOUNDS)
-        self._request_sum = 0.0
-        self._attempt_sum = 0.0
-        self._keys_injected = 0
+        # outcome, observations per latency bucket (``bisect_left(BOUNDS, seconds)``) and their
+        # sums, injected keys. Counted by request() and attempt(), and by the built-in observer
+        # (proxy.observers) straight in (one Python call fewer per record).
+        self.request_counts: dict[tuple[int, str], int] = {}
+        self.attempt_counts: dict[str, int] = {}
+        self.request_buckets = [0] * len(_BOUNDS)
+        self.attempt_buckets = [0] * len(_BOUNDS)
+        self.request_sum = 0.0
+        self.attempt_sum = 0.0
+        self.key_count = 0
         # The histogram series exist from the operation's first request, as before any count.
         self._request_child = metrics.request_duration.labels(operation)
         self._attempt_child = metrics.attempt_duration.labels(operation)
@@ -251,28 +253,28 @@ class OperationMetrics:
     ) -> None:
         """Count one answered client request (and its injected Idempotency-Key, if any)."""
         key = (status // 100, outcome)
-        requests = self._requests
+        requests = self.request_counts
         requests[key] = requests.get(key, 0) + 1
-        self._request_buckets[bisect_left(_BOUNDS, duration)] += 1
-        self._request_sum += duration
+        self.request_buckets[bisect_left(_BOUNDS, duration)] += 1
+        self.request_sum += duration
         if key_injected:
-            self._keys_injected += 1
+            self.key_count += 1
 
     def attempt(self, outcome: str, duration: float) -> None:
         """Count one attempt to Stripe."""
-        attempts = self._attempts
+        attempts = self.attempt_counts
         attempts[outcome] = attempts.get(outcome, 0) + 1
-        self._attempt_buckets[bisect_left(_BOUNDS, duration)] += 1
-        self._attempt_sum += duration
+        self.attempt_buckets[bisect_left(_BOUNDS, duration)] += 1
+        self.attempt_sum += duration
 
     def key_injected(self) -> None:
         """Count an injected Idempotency-Key (only POSTs get keys: no 0 series for GETs)."""
-        self._keys_injected += 1
+        self.key_count += 1
 
     def flush(self) -> None:
         """Move the pending counts into the library's children, and start again from zero."""
         m, op = self._m, self._operation
-        for key, n in self._requests.items():
+        for key, n in self.request_counts.items():
             child = self._requests_children.get(key)
             if child is None:
                 status_class = _STATUS_CLASS.get(key[0], "other")
@@ -280,26 +282,26 @@ class OperationMetrics:
                     op, self._method, status_class, key[1]
                 )
             child.inc(n)
-        self._requests.clear()
-        for outcome, n in self._attempts.items():
+        self.request_counts.clear()
+        for outcome, n in self.attempt_counts.items():
             child = self._attempts_children.get(outcome)
             if child is None:
                 child = self._attempts_children[outcome] = m.attempts.labels(op, outcome)
             child.inc(n)
-        self._attempts.clear()
-        if self._keys_injected:
+        self.attempt_counts.clear()
+        if self.key_count:
             if self._key_child is None:
                 self._key_child = m.keys_injected.labels(op)
-            self._key_child.inc(self._keys_injected)
-            self._keys_injected = 0
-        if self._request_sum or any(self._request_buckets):
-            add_observations(self._request_child, self._request_buckets, self._request_sum)
-            self._request_buckets = [0] * len(_BOUNDS)
-            self._request_sum = 0.0
-        if self._attempt_sum or any(self._attempt_buckets):
-            add_observations(self._attempt_child, self._attempt_buckets, self._attempt_sum)
-            self._attempt_buckets = [0] * len(_BOUNDS)
-            self._attempt_sum = 0.0
+            self._key_child.inc(self.key_count)
+            self.key_count = 0
+        if self.request_sum or any(self.request_buckets):
+            add_observations(self._request_child, self.request_buckets, self.request_sum)
+            self.request_buckets = [0] * len(_BOUNDS)
+            self.request_sum = 0.0
+        if self.attempt_sum or any(self.attempt_buckets):
+            add_observations(self._attempt_child, self.attempt_buckets, self.attempt_sum)
+            self.attempt_buckets = [0] * len(_BOUNDS)
+            self.attempt_sum = 0.0
 
     # -- rare: counted straight into the children ------------------------------------------
     def retry(self, outcome: str) -> None:
