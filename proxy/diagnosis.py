@@ -55,12 +55,16 @@ __all__ = [
     "redact_url",
 ]
 
-# Series of an operation's window, in order.
-_SERIES = ("attempts", "ok", "outage", "network", "auth", "perm", "rate", "lock", "bad", "idem",
-           "requests", "requests_ok")  # fmt: skip
-_ATTEMPTS, _OK, _OUTAGE, _NETWORK, _AUTH, _PERM, _RATE, _LOCK, _BAD, _IDEM, _REQ, _REQ_OK = range(
+# Series of an operation's window, in order. Each attempt is counted once, in one series: a
+# success by its latency bucket alone, "ok" holds the other answers that are no failure
+# (card_declined), "other" the attempts of no category; each request is either "requests_ok" or
+# "requests_bad". The totals (attempts, ok, requests) are summed when read: one count per record.
+_SERIES = ("ok", "outage", "network", "auth", "perm", "rate", "lock", "bad", "idem", "other",
+           "requests_bad", "requests_ok")  # fmt: skip
+_OK, _OUTAGE, _NETWORK, _AUTH, _PERM, _RATE, _LOCK, _BAD, _IDEM, _OTHER, _REQ_BAD, _REQ_OK = range(
     len(_SERIES)
 )
+_COUNTED = ("outage", "network", "auth", "perm", "rate", "lock", "bad", "idem")  # as they are
 _LAT0 = len(_SERIES)  # then one series per latency bucket
 _CATEGORY_NAME = {
     _OUTAGE: "outage",
@@ -154,11 +158,8 @@ class DiagnosisRecorder:
         b = op.buckets
         if now >= b.edge:
             b.advance(now)
-        rings, i = b.rings, b.idx
-        rings[0][i] += 1  # _ATTEMPTS
-        if record.outcome == "success":
-            rings[1][i] += 1  # _OK
-            rings[_LAT0 + bisect_left(_bounds, record.duration)][i] += 1
+        if record.outcome == "success":  # an attempt, ok, and its latency: one count
+            b.rings[_LAT0 + bisect_left(_bounds, record.duration)][b.idx] += 1
             return
         self._failure(op, record, now)
 
@@ -173,6 +174,7 @@ class DiagnosisRecorder:
             code = (record.error_code or "")[:_MAX_TEXT]
             op.codes.append((now, code, (record.error_param or "")[:_MAX_TEXT]))
         if series is None:
+            rings[_OTHER][i] += 1
             return
         rings[series][i] += 1
         if series == _OK:
@@ -205,11 +207,8 @@ class DiagnosisRecorder:
             if now >= op.buckets.edge:
                 op.buckets.advance(now)
         b = op.buckets
-        rings, i = b.rings, b.idx
-        rings[_REQ][i] += 1
         status = record.status
-        if status < 400 or status == 402:
-            rings[_REQ_OK][i] += 1
+        b.rings[_REQ_OK if status < 400 or status == 402 else _REQ_BAD][b.idx] += 1
 
     # -- reading --------------------------------------------------------------------------------
     def snapshot(self, *, idle: bool = False) -> Snapshot:
@@ -225,12 +224,18 @@ class DiagnosisRecorder:
             if now >= b.edge:
                 b.advance(now)
             sums = [sum(ring) for ring in b.rings]
-            if not sums[_ATTEMPTS] and not sums[_REQ] and not idle:
-                continue
+            latency = sums[_LAT0:]
+            successes = sum(latency)
             c = Counts()
-            for k, attr in enumerate(_SERIES):
-                setattr(c, attr, sums[k])
-            c.latency = sums[_LAT0:]
+            c.attempts = sum(sums[:_REQ_BAD]) + successes
+            c.requests_ok = sums[_REQ_OK]
+            c.requests = sums[_REQ_BAD] + c.requests_ok
+            if not c.attempts and not c.requests and not idle:
+                continue
+            c.ok = sums[_OK] + successes
+            for attr in _COUNTED:
+                setattr(c, attr, sums[_SERIES.index(attr)])
+            c.latency = latency
             c.bad_codes = Counter((code, param) for at, code, param in op.codes if at >= since)
             ops[name] = c
         host = self._host
@@ -265,7 +270,7 @@ class DiagnosisRecorder:
             q = quantile([ring[i] for ring in lat], 0.99)
             p99.append(None if q is None else round(q * 1000, 1))
         return {
-            "requests": [b.rings[_REQ][i] for i in order],
+            "requests": [b.rings[_REQ_OK][i] + b.rings[_REQ_BAD][i] for i in order],
             "ok": [b.rings[_REQ_OK][i] for i in order],
             "p99_ms": p99,
         }
