@@ -57,7 +57,9 @@ __all__ = ["Call", "Forwarder"]
 
 _BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 _OPEN_GATES = Gates()
-_NOT_YET = classify_response(200, None, None, None)  # a call's verdict before its first attempt
+# What classify_response answers for every status below 400 (headers and body unread): the
+# attempt loop uses it without the call. Also a call's verdict before its first attempt.
+_SUCCESS = classify_response(200, None, None, None)
 _ANSWERED = Step(GiveUp.ANSWERED, 0.0, False)
 _WAIT = "(wait)"  # _admit: the bulkhead or the limiter must be waited for (compared by identity)
 
@@ -130,7 +132,7 @@ class Call:
         self.latency = 0.0  # the last attempt's, until its answer's head (or failure)
         self.resp: Response | None = None
         self.error: UpstreamError | None = None
-        self.verdict: Verdict = _NOT_YET
+        self.verdict: Verdict = _SUCCESS
         self.step = _ANSWERED
         self.status = 0
         self.outcome = ""
@@ -519,11 +521,15 @@ class Forwarder:
                     finally:
                         deadlines.disarm(conn)
                 call.resp = resp
-                call.verdict = classify_response(
-                    resp.status,
-                    resp.should_retry,
-                    resp.rate_limited_reason,
-                    resp.body_bytes() if resp.status >= 400 and resp.complete else None,
+                call.verdict = (
+                    _SUCCESS
+                    if resp.status < 400
+                    else classify_response(
+                        resp.status,
+                        resp.should_retry,
+                        resp.rate_limited_reason,
+                        resp.body_bytes() if resp.complete else None,
+                    )
                 )
             except UpstreamError as exc:
                 if self._transport_failed(call, exc):
@@ -531,7 +537,12 @@ class Forwarder:
             duration = self._clock() - t0
             call.latency = duration
             if call.resp is None or call.resp.complete:
-                self._spend(call, call.verdict.upstream_failure, duration)
+                failure = call.verdict.upstream_failure  # what _spend does, inline
+                if (op := call.op.breaker) is not None:
+                    op.record(failure, duration, call.op.name)
+                if self._host_breaker is not None:
+                    self._host_breaker.record(failure, duration, call.op.name)
+                call.held = False
             if call.verdict.outcome is Outcome.RATE_LIMITED and self.limiter is not None:
                 self._rate_limited(call, t0)
             # A final verdict with no held key to switch to: what next_step would answer.
