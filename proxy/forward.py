@@ -359,7 +359,7 @@ class Forwarder:
             sent = call.req.authorization
             if sent is None or not hmac.compare_digest(sent, self.keys.client_auth):
                 return "client_token_required"
-        self.budget.record_request()
+        self.budget.record_request(call.start)  # the call was made just now: one clock read
         if self._learn_auth and call.req.authorization is not None:
             self.fleet_auth = call.req.authorization
             self._learn_auth = False
@@ -378,7 +378,7 @@ class Forwarder:
                 return _WAIT
             call.in_bulkhead = True
         if self.limiter is not None:
-            if not self.limiter.try_enter(call.op.name):
+            if not self.limiter.try_enter(call.op.name, call.start):
                 return _WAIT  # a scope limits now: reserve, maybe wait, then acquire
             call.in_limiter = True
         return None
@@ -521,27 +521,19 @@ class Forwarder:
                     finally:
                         deadlines.disarm(conn)
                 call.resp = resp
-                call.verdict = (
-                    _SUCCESS
-                    if resp.status < 400
-                    else classify_response(
-                        resp.status,
-                        resp.should_retry,
-                        resp.rate_limited_reason,
-                        resp.body_bytes() if resp.complete else None,
-                    )
-                )
+                call.verdict = _SUCCESS if resp.status < 400 else _error_verdict(resp)
             except UpstreamError as exc:
                 if self._transport_failed(call, exc):
                     return
-            duration = self._clock() - t0
+            ended = self._clock()  # one read for the duration and both breakers
+            duration = ended - t0
             call.latency = duration
             if call.resp is None or call.resp.complete:
                 failure = call.verdict.upstream_failure  # what _spend does, inline
                 if (op := call.op.breaker) is not None:
-                    op.record(failure, duration, call.op.name)
+                    op.record(failure, duration, call.op.name, ended)
                 if self._host_breaker is not None:
-                    self._host_breaker.record(failure, duration, call.op.name)
+                    self._host_breaker.record(failure, duration, call.op.name, ended)
                 call.held = False
             if call.verdict.outcome is Outcome.RATE_LIMITED and self.limiter is not None:
                 self._rate_limited(call, t0)
@@ -807,6 +799,16 @@ class _Armed:
 
     def __exit__(self, *exc_info: object) -> None:
         self._deadlines.disarm(self._conn)
+
+
+def _error_verdict(resp: Response) -> Verdict:
+    """classify_response for an answer of status 400 or more (below that: ``_SUCCESS``)."""
+    return classify_response(
+        resp.status,
+        resp.should_retry,
+        resp.rate_limited_reason,
+        resp.body_bytes() if resp.complete else None,
+    )
 
 
 def _stale(call: Call, conn: Connection, exc: UpstreamError) -> bool:

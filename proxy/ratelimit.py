@@ -332,12 +332,13 @@ class RateLimiter:
             return 0.0
         return self._reserve_limited(g, e, now, waiting_anyway)
 
-    def try_enter(self, endpoint: str) -> bool:
+    def try_enter(self, endpoint: str, now: float | None = None) -> bool:
         """:meth:`reserve` then :meth:`acquire` in one call, while nothing limits ``endpoint``.
 
         True: counted as sent and in flight (give it back with :meth:`release`). False: nothing
         was taken, as a scope limits its rate or its in-flight count; use the two calls then.
-        The dormant case, every request's path until Stripe throttles, pays one call.
+        The dormant case, every request's path until Stripe throttles, pays one call. ``now``:
+        the clock's time if the caller has just read it (one read fewer).
         """
         if not self._enabled:
             return True
@@ -351,7 +352,8 @@ class RateLimiter:
             or e.concurrency.active
         ):
             return False
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         if now >= g.edge:
             g.advance(now)
         g.sent[g.idx] += 1

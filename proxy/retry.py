@@ -310,9 +310,13 @@ class RetryBudget:
         self._window = SecondBuckets(window, 2, clock())
         self._requests, self._retries = self._window.rings
 
-    def record_request(self) -> None:
-        """Count one client request (call once per request, not per attempt)."""
-        now = self._clock()
+    def record_request(self, now: float | None = None) -> None:
+        """Count one client request (call once per request, not per attempt).
+
+        ``now``: the clock's time if the caller has just read it (one read fewer).
+        """
+        if now is None:
+            now = self._clock()
         window = self._window
         if now >= window.edge:
             window.advance(now)
