@@ -173,6 +173,9 @@ class Forwarder:
         self.metrics = metrics
         # Attempt, stream and connect time-outs: the sidecar's one sweeper, on ``clock``.
         self.deadlines = deadlines
+        # Pooled connections an attempt is waiting on: the sweeper expires their deadlines.
+        self._sending: set[Connection] = set()
+        deadlines.watch(self._sending)
         self.log = logger
         # Each observer's two methods, bound once: the record stage only calls.
         self._on_attempt = tuple(observer.attempt for observer in observers)
@@ -495,7 +498,7 @@ class Forwarder:
     # -- attempt loop ---------------------------------------------------------------------------
     async def _attempts(self, call: Call) -> None:
         """Send, classify, ask next_step; repeat until an answer is final."""
-        req, settings, deadlines = call.req, call.op.retry, self.deadlines
+        req, settings, sending = call.req, call.op.retry, self._sending
         while True:
             call.attempt += 1
             t0 = self._clock() if call.attempt > 1 else call.start
@@ -509,17 +512,20 @@ class Forwarder:
                 if conn is None:
                     resp = await self._send(call, timeout)
                 else:
-                    deadline = deadlines.clock() + timeout
-                    deadlines.arm_at(conn, deadline)
+                    # Armed by its deadline while in a set the sweeper watches: two C set
+                    # operations instead of two calls (Deadlines.arm_at, disarm).
+                    conn.deadline = deadline = self.deadlines.clock() + timeout
+                    sending.add(conn)
                     try:
                         resp = await conn.send(call.head, req.body, req.method == "HEAD")
                     except UpstreamError as exc:
-                        deadlines.disarm(conn)
+                        conn.deadline = 0.0
                         if not _stale(call, conn, exc):
                             raise
                         resp = await self._resend(call, deadline)
                     finally:
-                        deadlines.disarm(conn)
+                        conn.deadline = 0.0
+                        sending.discard(conn)
                 call.resp = resp
                 call.verdict = _SUCCESS if resp.status < 400 else _error_verdict(resp)
             except UpstreamError as exc:
