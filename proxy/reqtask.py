@@ -19,26 +19,37 @@ result: an exception the coroutine lets out goes to the loop's exception handler
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Generator
-from typing import Any
+from collections.abc import Coroutine, Generator
+from typing import Any, Protocol
 
-__all__ = ["RequestTask"]
+__all__ = ["RequestTask", "Tracker"]
+
+
+class Tracker(Protocol):
+    """Who keeps the request tasks still running (the server, for its shutdown)."""
+
+    tasks: set[Any]  # a task is in it until it ends
+    idle_event: asyncio.Event | None  # set whenever a task ends, while someone waits for that
 
 
 class RequestTask:
-    """Runs one request's coroutine to its end; ``on_done(self)`` is called once it has ended."""
+    """Runs one request's coroutine to its end, then leaves ``tracker.tasks``.
 
-    __slots__ = ("_cancelled", "_coro", "_ended", "_loop", "_on_done", "_throw", "_waiting")
+    Ending also sets ``tracker.idle_event`` (a waiting shutdown), as ``Server.task_done`` does
+    for a Task.
+    """
+
+    __slots__ = ("_cancelled", "_coro", "_ended", "_loop", "_throw", "_tracker", "_waiting")
 
     def __init__(
         self,
         coro: Coroutine[Any, Any, None],
         loop: asyncio.AbstractEventLoop,
-        on_done: Callable[[RequestTask], None],
+        tracker: Tracker,
     ) -> None:
         self._coro: Coroutine[Any, Any, None] | None = coro  # None once it has ended
         self._loop = loop
-        self._on_done = on_done
+        self._tracker = tracker
         self._waiting: asyncio.Future[Any] | None = None  # what the coroutine waits for
         self._throw: BaseException | None = None  # thrown in at the next step instead
         self._ended: asyncio.Future[None] | None = None  # made for whoever awaits the end
@@ -92,9 +103,6 @@ class RequestTask:
             pass
         except asyncio.CancelledError:
             self._cancelled = True
-        except (KeyboardInterrupt, SystemExit):
-            self._end()
-            raise
         except BaseException as exc:
             error = exc
         else:
@@ -112,18 +120,17 @@ class RequestTask:
                 self._throw = RuntimeError(f"RequestTask got bad yield: {waiting!r}")
                 self._loop.call_soon(self._step)
             return
-        # What _end does, inline: it runs once per request.
         self._coro = None
         if self._ended is not None:
             self._ended.set_result(None)
-        self._on_done(self)
+        # What Server.task_done does for a Task, inline (a call fewer per request).
+        tracker = self._tracker
+        tracker.tasks.discard(self)
+        if tracker.idle_event is not None:
+            tracker.idle_event.set()
+        if isinstance(error, KeyboardInterrupt | SystemExit):
+            raise error  # as from a Task: out of the loop
         if error is not None:  # a Task would log it once collected, never retrieved
             self._loop.call_exception_handler(
                 {"message": "Unhandled error in a request's task", "exception": error, "task": self}
             )
-
-    def _end(self) -> None:
-        self._coro = None
-        if self._ended is not None:
-            self._ended.set_result(None)
-        self._on_done(self)

@@ -838,7 +838,7 @@ class ClientConnection(asyncio.Protocol):
             return
         # Tracked, so shutdown answers it; a RequestTask, not a Task: ~5k instructions fewer.
         server = self._server
-        server.tasks.add(RequestTask(server.forward(req, self), self._loop, server.task_done))
+        server.tasks.add(RequestTask(server.forward(req, self), self._loop, server))
 
     async def _finish_later(self, answer: Awaitable[bytes], req: Request) -> None:
         self.finish(await answer, keep_alive=self.keeps_alive(req))

@@ -10,10 +10,25 @@ import pytest
 from proxy.reqtask import RequestTask
 
 
-def start(coro: Any) -> tuple[RequestTask, list[RequestTask]]:
-    """A RequestTask on the running loop, and the list its on_done appends to."""
-    ended: list[RequestTask] = []
-    return RequestTask(coro, asyncio.get_running_loop(), ended.append), ended
+class Tracker:
+    """What the server is to its request tasks: the set of those running, an event set at each end."""
+
+    def __init__(self) -> None:
+        self.tasks: set[Any] = set()
+        self.idle_event: asyncio.Event | None = asyncio.Event()
+
+    def ended(self, task: RequestTask) -> bool:
+        """The task has ended, left the set and woken the event."""
+        assert self.idle_event is not None
+        return task.done() and task not in self.tasks and self.idle_event.is_set()
+
+
+def start(coro: Any) -> tuple[RequestTask, Tracker]:
+    """A RequestTask on the running loop, tracked."""
+    tracker = Tracker()
+    task = RequestTask(coro, asyncio.get_running_loop(), tracker)
+    tracker.tasks.add(task)
+    return task, tracker
 
 
 async def test_runs_on_the_next_iteration_to_its_end() -> None:
@@ -28,14 +43,15 @@ async def test_runs_on_the_next_iteration_to_its_end() -> None:
         await asyncio.sleep(0.001)
         steps.append("end")
 
-    task, ended = start(body())
+    task, tracker = start(body())
     assert steps == [] and not task.done()
     await asyncio.sleep(0)
     assert steps == ["start"]
+    assert tracker.idle_event is not None and not tracker.idle_event.is_set() and task in tracker.tasks
     fut.set_result("woken")
     await asyncio.wait([asyncio.ensure_future(task)], timeout=5.0)
     assert steps == ["start", "woken", "end"]
-    assert task.done() and not task.cancelled() and ended == [task]
+    assert task.done() and not task.cancelled() and tracker.ended(task)
 
 
 async def test_a_future_error_is_raised_where_it_is_awaited() -> None:
@@ -49,11 +65,11 @@ async def test_a_future_error_is_raised_where_it_is_awaited() -> None:
         except ValueError as exc:
             seen.append(exc)
 
-    task, ended = start(body())
+    task, tracker = start(body())
     await asyncio.sleep(0)
     fut.set_exception(ValueError("boom"))
     await task
-    assert [str(e) for e in seen] == ["boom"] and ended == [task] and not task.cancelled()
+    assert [str(e) for e in seen] == ["boom"] and tracker.ended(task) and not task.cancelled()
 
 
 async def test_cancel_raises_where_it_waits_and_ends_cancelled() -> None:
@@ -68,11 +84,11 @@ async def test_cancel_raises_where_it_waits_and_ends_cancelled() -> None:
             answered.append("shutting down")
             raise
 
-    task, ended = start(body())
+    task, tracker = start(body())
     await asyncio.sleep(0)
     assert task.cancel() and fut.cancelled()
     await task
-    assert answered == ["shutting down"] and task.cancelled() and ended == [task]
+    assert answered == ["shutting down"] and task.cancelled() and tracker.ended(task)
     assert not task.cancel()  # ended already
 
 
@@ -83,10 +99,10 @@ async def test_cancel_before_the_first_step_never_runs_the_body() -> None:
     async def body() -> None:
         ran.append(True)
 
-    task, ended = start(body())
+    task, tracker = start(body())
     assert task.cancel()
     await asyncio.sleep(0)
-    assert ran == [] and task.cancelled() and ended == [task]
+    assert ran == [] and task.cancelled() and tracker.ended(task)
 
 
 async def test_cancel_while_its_wake_up_is_scheduled_is_thrown_in_next() -> None:
@@ -120,11 +136,11 @@ async def test_a_caught_cancellation_lets_the_coroutine_finish() -> None:
         except asyncio.CancelledError:
             await asyncio.sleep(0)
 
-    task, ended = start(body())
+    task, tracker = start(body())
     await asyncio.sleep(0)
     task.cancel()
     await task
-    assert not task.cancelled() and ended == [task]
+    assert not task.cancelled() and tracker.ended(task)
 
 
 async def test_an_error_let_out_goes_to_the_loop_exception_handler() -> None:
@@ -136,10 +152,10 @@ async def test_an_error_let_out_goes_to_the_loop_exception_handler() -> None:
     async def body() -> None:
         raise RuntimeError("a bug")
 
-    task, ended = start(body())
+    task, tracker = start(body())
     await task
     loop.set_exception_handler(None)
-    assert ended == [task] and not task.cancelled()
+    assert tracker.ended(task) and not task.cancelled()
     assert [str(c["exception"]) for c in reported] == ["a bug"] and reported[0]["task"] is task
 
 
@@ -157,6 +173,7 @@ async def test_a_yield_that_is_no_future_is_an_error_in_the_coroutine() -> None:
             await Bad()
         seen.append("raised")
 
-    task, _ = start(body())
+    task, tracker = start(body())
+    tracker.idle_event = None  # no shutdown waiting: the end only leaves the set
     await task
-    assert seen == ["raised"]
+    assert seen == ["raised"] and task.done() and not tracker.tasks
