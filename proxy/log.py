@@ -127,7 +127,8 @@ class Logger:
         """Write buffered lines out."""
         if not self._buf:
             return
-        data = "\n".join(self._buf) + "\n"
+        self._buf.append("")  # the last line's newline, without copying the whole text again
+        data = "\n".join(self._buf)
         self._buf.clear()
         try:
             self._stream.write(data)
