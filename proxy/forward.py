@@ -745,21 +745,27 @@ class Forwarder:
 
     # -- record ---------------------------------------------------------------------------------
     def _emit_attempt(self, call: Call, duration: float) -> None:
-        resp, verdict, step = call.resp, call.verdict, call.step
+        resp, verdict, step, error = call.resp, call.verdict, call.step, call.error
+        # One test per optional part (not one per field taken from it).
+        if resp is None:
+            status, reason, request_id = 0, None, None
+        else:
+            status, reason, request_id = resp.status, resp.rate_limited_reason, resp.request_id
+        kind, where = (None, None) if error is None else (error.kind, error.step)
         record = new_attempt(
             (
                 call.op.name,
                 call.attempt,
                 verdict.outcome,
-                resp.status if resp is not None else 0,
+                status,
                 verdict.error_code,
-                resp.rate_limited_reason if resp is not None else None,
-                resp.request_id if resp is not None else None,
-                call.error.kind if call.error is not None else None,
+                reason,
+                request_id,
+                kind,
                 duration,
                 step.delay if step.give_up is None else None,
                 verdict.error_param,
-                call.error.step if call.error is not None else None,
+                where,
             )
         )
         for attempt in self._on_attempt:

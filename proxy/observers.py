@@ -71,9 +71,11 @@ class BuiltinObserver:
         name, _, status, outcome, attempts, duration, rid, _, injected, give_up, wait = record
         op = self._ops.get(name) or self._op(name)
         m = op.metrics
-        key = (status // 100, outcome)
-        counts = m.request_counts
-        counts[key] = counts.get(key, 0) + 1
+        by_class = m.request_counts.get(outcome)
+        if by_class is None:
+            by_class = m.request_counts[outcome] = {}
+        status_class = status // 100
+        by_class[status_class] = by_class.get(status_class, 0) + 1
         m.request_buckets[bisect_left(BOUNDS, duration)] += 1
         m.request_sum += duration
         if injected:
