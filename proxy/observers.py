@@ -18,8 +18,6 @@ _FAIL_FAST = frozenset({"circuit_open", "rate_limited", "bulkhead_full", "overlo
 _MAX_NAMES = 4096  # operation names JSON-encoded once (the router bounds them; a backstop)
 
 
-# The request record's fields the observer reads, in one C call (a namedtuple's attribute
-# costs a descriptor call each).
 class _Operation:
     """What the built-in observer keeps per operation: its metrics and its JSON name."""
 
