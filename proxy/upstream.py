@@ -210,7 +210,9 @@ class Connection(asyncio.Protocol):
         self._reset_parser = False
         self._in_head = False  # the final answer's head is still arriving
         self._head_room = 0  # bytes the head may still take
-        self._headers_left = 0  # header (and trailer) fields the answer may still send
+        # Fields counted against max_headers besides the lines of the head being read: dropped
+        # ones, interim answers', trailers (on_header runs per field, so it keeps no count).
+        self._fields_counted = 0
         self._framing = 0  # chunked: bytes received since the last body byte (sizes, trailers)
         self._reading_paused = False
         self._sending = False  # a streamed request body is still being sent
@@ -247,6 +249,9 @@ class Connection(asyncio.Protocol):
                 self._parser.feed_data(data)
             except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
                 self._feed_failed(exc)
+                return
+            if self._in_head and self._head_fields() > self._pool.max_headers:
+                self._too_many_fields()  # a head that never ends is cut at the field limit
             return
         if self._chunked:
             # Chunk sizes and trailers are bounded like a head: reset by every body byte.
@@ -266,6 +271,9 @@ class Connection(asyncio.Protocol):
         self._feed(data[:room])
         if self.closed:
             return
+        if self._in_head and self._head_fields() > self._pool.max_headers:
+            self._too_many_fields()
+            return
         if self._in_head:
             self._fail(
                 TransportError.BAD_RESPONSE,
@@ -275,6 +283,18 @@ class Connection(asyncio.Protocol):
             return
         self.data_received(data[room:])
 
+    def _head_fields(self) -> int:
+        """Fields received so far, while a head is read (on_header counts none itself)."""
+        assert self._resp is not None  # while a head is read
+        return len(self._resp.headers) + self._fields_counted
+
+    def _too_many_fields(self) -> None:
+        self._fail(
+            TransportError.BAD_RESPONSE,
+            f"bad answer from upstream: more than {self._pool.max_headers} header fields",
+            started=True,
+        )
+
     def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
@@ -282,7 +302,9 @@ class Connection(asyncio.Protocol):
             self._feed_failed(exc)
 
     def _feed_failed(self, exc: Exception) -> None:
-        if isinstance(exc, httptools.HttpParserUpgrade):
+        if self._in_head and self._head_fields() > self._pool.max_headers:
+            self._too_many_fields()  # what the head broke after that limit is beside the point
+        elif isinstance(exc, httptools.HttpParserUpgrade):
             self._fail(
                 TransportError.BAD_RESPONSE, "upstream tried to switch protocols", started=True
             )
@@ -338,38 +360,54 @@ class Connection(asyncio.Protocol):
             self._resp.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers_left -= 1
-        if self._headers_left < 0:
-            raise _BadAnswer(f"more than {self._pool.max_headers} header fields")
+        # Runs per field, so a head's fields are not counted here: each is a line of the head or
+        # counted in _fields_counted, and checked at the head's end and after each read.
+        if not self._in_head:
+            # A trailer: counted with the head's fields, never a header of the answer.
+            self._fields_counted += 1
+            if self._fields_counted > self._pool.max_headers:
+                raise _BadAnswer(f"more than {self._pool.max_headers} header fields")
+            return
         resp = self._resp
-        if resp is None or not self._in_head:
-            return  # a trailer: never becomes a header of the answer
-        if name in _PASS_EXACT:  # most of Stripe's headers, in the case Stripe writes them
-            resp.headers.append(b"%b: %b\r\n" % (name, value))
+        assert resp is not None  # while a head is read
+        # Stripe's fields in the case Stripe writes them: a set look-up or a comparison, no
+        # lower-casing.
+        if name in _PASS_EXACT:
+            resp.headers.append(b"".join((name, b": ", value, b"\r\n")))
             return
-        lname = name.lower()
-        if lname in _HOP_BY_HOP:
-            if lname == b"transfer-encoding":
-                self._chunked = True
+        if name == b"Request-Id":
+            resp.request_id = value.decode("latin-1")
+            resp.headers.append(b"".join((name, b": ", value, b"\r\n")))
             return
+        lname = b"content-length" if name == b"Content-Length" else name.lower()
         if lname == b"content-length":
+            self._fields_counted += 1
             try:
                 resp.content_length = int(value)
             except ValueError:
                 resp.content_length = None
             return  # the sidecar frames the answer itself
+        if lname in _HOP_BY_HOP:
+            self._fields_counted += 1
+            if lname == b"transfer-encoding":
+                self._chunked = True
+            return
         noted = _NOTED.get(lname)
         if noted is not None:
             if noted == "idempotency_key":
                 resp.idempotency_key = value
             else:
                 setattr(resp, noted, value.decode("latin-1"))
-        resp.headers.append(b"%b: %b\r\n" % (name, value))
+        resp.headers.append(b"".join((name, b": ", value, b"\r\n")))
 
     def on_headers_complete(self) -> None:
         resp = self._resp
         if resp is None:
             return
+        counted = self._fields_counted + len(resp.headers)
+        if counted > self._pool.max_headers:
+            raise _BadAnswer(f"more than {self._pool.max_headers} header fields")
+        self._fields_counted = counted  # the head's lines are kept, but trailers count on
         status = self._parser.get_status_code()
         if not 100 <= status <= 599:
             raise _BadAnswer(f"status {status:03d} is outside 100-599")
@@ -550,7 +588,7 @@ class Connection(asyncio.Protocol):
         self._in_head = True
         pool = self._pool
         self._head_room = pool.max_header_bytes
-        self._headers_left = pool.max_headers
+        self._fields_counted = 0
         self._framing = 0
         waiter = self._waiter = self._loop.create_future()
         return waiter
