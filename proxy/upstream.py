@@ -239,11 +239,11 @@ class Connection(asyncio.Protocol):
         if self._in_head:
             # Counted per read, partial lines included, so a head that never ends is cut at the
             # limit instead of being buffered by the parser.
-            room = self._head_room
-            if len(data) > room:
-                self._feed_past_room(data, room)
+            room = self._head_room - len(data)
+            if room < 0:
+                self._feed_past_room(data, self._head_room)
                 return
-            self._head_room = room - len(data)
+            self._head_room = room
             # What _feed does, inline: an answer usually arrives in this one read.
             try:
                 self._parser.feed_data(data)
@@ -438,8 +438,8 @@ class Connection(asyncio.Protocol):
         if resp is None:
             raise _Extra  # a body after a HEAD answer's head
         resp.body.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered > self._pool.buffer_limit and self._waiter is not None:
+        buffered = self._buffered = self._buffered + len(chunk)
+        if buffered > self._pool.buffer_limit and self._waiter is not None:
             # Too large to hold for a retry: hand it over now and stream the rest.
             resp.conn = self
             waiter, self._waiter = self._waiter, None
@@ -458,11 +458,14 @@ class Connection(asyncio.Protocol):
             or self._sink is not None
             or self._sending
             or self._reading_paused
-            or not self.keep_alive
-            or self.closed
-            or waiter.done()
+            or not self.keep_alive  # also False once closed
         ):
             self._finish()
+            return
+        try:
+            waiter.set_result(resp)  # its callbacks run later, when all below is done
+        except asyncio.InvalidStateError:
+            self._finish()  # the attempt was cancelled: nobody takes the answer
             return
         # The usual end, a buffered answer on a reusable connection: what _finish, _release and
         # Pool.release do, inline (three calls fewer per request).
@@ -476,7 +479,6 @@ class Connection(asyncio.Protocol):
             idle.append(self)
         else:
             self.abort()
-        waiter.set_result(resp)
 
     # -- the exchange -------------------------------------------------------------------------
     def _finish(self) -> None:
