@@ -29,8 +29,6 @@ __all__ = ["Responder"]
 _NO_BODY_STATUS = frozenset({204, 304})
 _SHOULD_RETRY = b"stripe-should-retry:"
 _NO_RETRY = b"Stripe-Should-Retry: false\r\n"
-# Status codes as text, for the status line (llhttp reads exactly three digits).
-_CODES = [b"%d" % code for code in range(1000)]
 
 
 class _StreamSink:
@@ -85,6 +83,7 @@ class Responder:
         self._stream_idle = stream_idle
         self._deadlines = deadlines
         self._lines_cache: dict[tuple[int, str], bytes] = {}
+        self._status_lines: dict[tuple[int, bytes], bytes] = {}
         # "Sidecar-Diagnosis: <kinds>\r\n" while critical diagnoses are active, else b"";
         # set by the diagnosis engine's subscriber on raise and clear, read on every answer.
         self.diagnosis_line = b""
@@ -96,6 +95,13 @@ class Responder:
         if call.injected is not None and not echoed:
             lines += b"Idempotency-Key: " + call.injected + b"\r\n"
         return lines
+
+    def _status_line(self, status: int, reason: bytes) -> bytes:
+        """The status line passed on, made once per status and reason (bounded)."""
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(self._status_lines) < 64:
+            self._status_lines[status, reason] = line
+        return line
 
     def _attempt_lines(self, attempt: int, outcome: str) -> bytes:
         """``Sidecar-Attempts`` and ``Sidecar-Outcome``, made once per pair (bounded)."""
@@ -130,8 +136,12 @@ class Responder:
                 return None
             headers = [h for h in headers if not h[:20].lower().startswith(_SHOULD_RETRY)]
             headers.append(_NO_RETRY)
-        # The answer in pieces, joined once: no formatted intermediate heads.
-        parts = [b"HTTP/1.1 ", _CODES[status], b" ", resp.reason, b"\r\n", *headers]
+        # The answer in pieces, joined once: no formatted intermediate heads. (A join of more
+        # than ten pieces allocates, so pieces are few.)
+        line = self._status_lines.get((status, resp.reason))
+        if line is None:
+            line = self._status_line(status, resp.reason)
+        parts = [line, *headers]
         if self._sidecar_headers:
             # The cache read inline: _attempt_lines is called only to fill it.
             lines = self._lines_cache.get((call.attempt, verdict.outcome))
@@ -139,8 +149,9 @@ class Responder:
                 lines = self._attempt_lines(call.attempt, verdict.outcome)
             parts.append(lines)
             if call.injected is not None and resp.idempotency_key is None:
-                parts += (b"Idempotency-Key: ", call.injected, b"\r\n")
-        parts.append(self.diagnosis_line)
+                parts.append(b"".join((b"Idempotency-Key: ", call.injected, b"\r\n")))
+        if self.diagnosis_line:
+            parts.append(self.diagnosis_line)
         if not resp.complete and resp.content_length is None and not req.http11:
             keep_alive = False  # HTTP/1.0 knows no chunking: the end of the body is the close
         if not keep_alive:

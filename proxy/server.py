@@ -87,12 +87,7 @@ _LINGER_SECONDS = 2.0
 
 
 class Request:
-    """One request as read at the door; ``head`` holds the header fields to pass upstream.
-
-    ``head`` is a list of bytes whose join is the field lines: a field as read is kept in
-    pieces (name, ``": "``, value, CRLF), cheaper than a formatted line; the Authorization field
-    is one whole line at ``auth_at``. :meth:`head_lines` gives one bytes object per line.
-    """
+    """One request as read at the door; ``head`` holds the header lines to pass upstream."""
 
     __slots__ = (
         "auth_at",
@@ -128,13 +123,6 @@ class Request:
         # Where the Authorization line is in ``head`` (-1: none; -2: several), so a held key
         # can replace it in place.
         self.auth_at = -1
-
-    def head_lines(self) -> list[bytes]:
-        """The head as one bytes object per field line, each ending in CRLF.
-
-        No field line holds a CR or LF but its end: llhttp refuses them in names and values.
-        """
-        return [line + b"\r\n" for line in b"".join(self.head).split(b"\r\n")[:-1]]
 
 
 class BodyStream:
@@ -658,10 +646,10 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(self._too_large_head(), 431)
         if self._in_trailers:
             return  # trailers never become headers, nor name hop-by-hop headers (dropped)
-        # A field goes into the head as four pieces, joined once with the rest upstream: a
-        # list extend costs about half of formatting a line (about 500 instructions less).
+        # A line made by a join costs about 300 instructions less than by b"%b: %b\r\n" (and
+        # as little as keeping the four pieces in the head, which the upstream join then pays).
         if name in _PASS_EXACT:  # what SDKs send, in the case they send it
-            self._head += (name, b": ", value, b"\r\n")
+            self._head.append(b"".join((name, b": ", value, b"\r\n")))
             return
         if name == b"Host":  # dropped with nothing to note (the sidecar sets its own)
             return
@@ -683,12 +671,9 @@ class ClientConnection(asyncio.Protocol):
                 return  # an empty key is no key: dropped, so the sidecar injects a real one
             req.idempotency_key = value
         elif lname == b"authorization":
-            # Kept as one whole line, so that a held key can take its place (forward.py).
             req.auth_at = len(req.head) if req.authorization is None else -2
             req.authorization = value
-            req.head.append(b"".join((name, b": ", value, b"\r\n")))
-            return
-        req.head += (name, b": ", value, b"\r\n")
+        req.head.append(b"".join((name, b": ", value, b"\r\n")))
 
     def _hop_header(self, req: Request, lname: bytes, value: bytes) -> None:
         if lname == b"transfer-encoding":
@@ -725,8 +710,8 @@ class ClientConnection(asyncio.Protocol):
                 if refusal is not None:
                     raise _refusal(refusal)
                 req.http11 = False
-        if hop or req.auth_at == -2:
-            _head_as_lines(req, hop or ())
+        if hop:
+            _drop_named(req, hop)
         req.method = method = _METHODS[parser.get_method()]
         req.target = target = self._url
         server = self._server
@@ -1028,17 +1013,12 @@ class ClientConnection(asyncio.Protocol):
         self._refuse(_timeout("body_timeout", what), 408)
 
 
-def _head_as_lines(req: Request, dropped: Container[bytes]) -> None:
-    """The head as one bytes object per field line, without the fields named in ``dropped``.
-
-    For the rare requests whose head is filtered by line: fields named in Connection, several
-    Authorization fields (which forward.py drops line by line when it holds the keys).
-    """
+def _drop_named(req: Request, dropped: Container[bytes]) -> None:
+    """Drop the header lines named in ``dropped``; ``auth_at`` follows its line."""
     auth = req.head[req.auth_at] if req.auth_at >= 0 else None
-    lines = [h for h in req.head_lines() if h.split(b":", 1)[0].lower() not in dropped]
-    req.head = lines
+    req.head = [h for h in req.head if h.split(b":", 1)[0].lower() not in dropped]
     if auth is not None:  # never dropped (_END_TO_END)
-        req.auth_at = lines.index(auth)
+        req.auth_at = req.head.index(auth)
 
 
 def _timeout(code: str, message: str) -> bytes:

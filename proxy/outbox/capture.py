@@ -171,7 +171,7 @@ class Capture:
 
     def _item(self, call: Call, key: bytes) -> NewItem:
         req = call.req
-        lines = req.head_lines()  # the door keeps most fields in pieces
+        lines = req.head
         account = b""
         auth = b""
         kept = []
