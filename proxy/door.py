@@ -112,7 +112,7 @@ def check_request(
     ``.``, ``%`` or ``\\``, so nothing :func:`is_unsafe_path` would decode) with unambiguous
     framing within ``max_body`` is let through here; anything else takes the full checks.
     """
-    path = target.split(b"?", 1)[0].decode("latin-1")
+    path = target.partition(b"?")[0].decode("latin-1")
     if (
         path.startswith(API_PREFIXES)
         and path.isascii()

@@ -446,7 +446,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0  # head (or, after it, trailer) bytes seen by the callbacks
         self._stalled_bytes = 0  # bytes fed since a callback last saw any progress
         self._body_bytes = 0
-        self._body_parts: list[bytes] = []
+        self._body_parts: list[bytes] = []  # the buffered body being read (emptied when taken)
         self._in_trailers = False
         self._hop_names: set[bytes] | None = None
         self._head: list[bytes] = []  # the request being parsed's req.head, read without it
@@ -625,7 +625,6 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._head_bytes = 0
         self._body_bytes = 0
-        self._body_parts = []
         self._in_trailers = False
         self._hop_names = None
         if self._deadline_kind != _HEAD:
@@ -790,6 +789,7 @@ class ClientConnection(asyncio.Protocol):
         parts = self._body_parts
         if parts:
             req.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._body_parts = []  # here, not per message begun: no list for a request without
         if self.busy or self._write_paused:  # what _enqueue does, inline: a call less
             self._queue.append(req)
             self.pause_reading()
