@@ -64,6 +64,8 @@ _ANSWERED = Step(GiveUp.ANSWERED, 0.0, False)
 _METHODS = {m: m.encode() + b" " for m in ("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD")}
 _WAIT = "(wait)"  # _admit: the bulkhead or the limiter must be waited for (compared by identity)
 
+_KEY_AT = len(b"Idempotency-Key: ")  # where the key starts in its header line
+
 class _Op:
     """Everything resolved once per operation template."""
 
@@ -102,6 +104,7 @@ class Call:
         "in_limiter",
         "injected",
         "key",
+        "key_line",
         "latency",
         "limiter_wait",
         "op",
@@ -122,6 +125,7 @@ class Call:
         self.start = start
         self.head = b""  # the upstream request head, built once by the make-safe stage
         self.injected: bytes | None = None  # the Idempotency-Key the sidecar added
+        self.key_line = b""  # its header line, "Idempotency-Key: ...\r\n"
         self.has_key = req.idempotency_key is not None
         # Breaker permits (the operation's and the host's) taken for an attempt not yet
         # reported: whatever ends the request gives them back (Forwarder._release), as a
@@ -198,7 +202,9 @@ class Forwarder:
         # Injected keys: a random 128-bit base drawn once per process, then a counter. Unique by
         # construction (a key reused for another request would make Stripe replay the wrong
         # answer) and cheaper than a random draw per request.
-        self._key_base = (config.idempotency.key_prefix + os.urandom(16).hex() + "-").encode()
+        self._key_line_base = b"Idempotency-Key: " + (
+            config.idempotency.key_prefix + os.urandom(16).hex() + "-"
+        ).encode()
         self._key_count = 0
         self._ops: dict[str, _Op] = {}
         self.respond = Responder(
@@ -462,9 +468,11 @@ class Forwarder:
             and not req.path.startswith("/oauth/")  # connect.stripe.com takes no keys
         ):
             self._key_count += 1
-            call.injected = b"%s%x" % (self._key_base, self._key_count)
+            # The header line made once; the answer echoes the same line (Call.key_line).
+            call.key_line = line = b"%s%x\r\n" % (self._key_line_base, self._key_count)
+            call.injected = line[_KEY_AT:-2]
             call.has_key = True
-            head_lines.append(b"Idempotency-Key: " + call.injected + b"\r\n")
+            head_lines.append(line)
         if self.keys is not None:
             head_lines = self._with_held_key(call, head_lines)
         if req.source is not None:

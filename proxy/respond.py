@@ -149,7 +149,7 @@ class Responder:
                 lines = self._attempt_lines(call.attempt, verdict.outcome)
             parts.append(lines)
             if call.injected is not None and resp.idempotency_key is None:
-                parts.append(b"".join((b"Idempotency-Key: ", call.injected, b"\r\n")))
+                parts.append(call.key_line)
         if self.diagnosis_line:
             parts.append(self.diagnosis_line)
         if not resp.complete and resp.content_length is None and not req.http11:
