@@ -183,8 +183,10 @@ async def test_outage_raises_stripe_outage_and_tags_answers(sim: Any, make_sidec
     assert 'stripe_sidecar_diagnosis_active{kind="stripe_outage"} 0.0' in await _metrics(sidecar.url)
     sidecar.log.flush()
     log = sidecar.log._stream.getvalue()
-    assert log.count('"event":"diagnosis_raised"') == 1
-    assert log.count('"event":"diagnosis_cleared"') == 1
+    # stripe_outage never flapped (a loaded test machine may add latency_degraded: not counted).
+    events = [line for line in log.splitlines() if '"kind":"stripe_outage"' in line]
+    assert sum('"event":"diagnosis_raised"' in line for line in events) == 1
+    assert sum('"event":"diagnosis_cleared"' in line for line in events) == 1
 
 
 async def _metrics(base: str) -> str:
