@@ -115,12 +115,15 @@ def _control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def _totals(outfile_glob: str) -> int:
-    """The instructions (Ir) of the last dump written."""
+def _totals(outfile_glob: str) -> dict[str, int]:
+    """The counts of the last dump written, by event (``Ir``, and misses with ``--simulate``)."""
     dumps = sorted(glob.glob(outfile_glob), key=os.path.getmtime)
+    names: list[str] = []
     for line in Path(dumps[-1]).read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
+        if line.startswith("events:"):
+            names = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")):
+            return dict(zip(names or ["Ir"], map(int, line.split()[1:]), strict=False))
     raise RuntimeError(f"no totals in {dumps[-1]}")
 
 
@@ -133,8 +136,13 @@ def measure(
     keep: Path | None = None,
     python: str | None = None,
     config: Path | None = None,
-) -> float:
-    """Instructions per request of the sidecar in ``tree`` (run by ``python``) for ``workload``."""
+    simulate: bool = False,
+) -> dict[str, float]:
+    """Events per request of the sidecar in ``tree`` (run by ``python``) for ``workload``.
+
+    ``Ir`` is instructions; ``simulate`` adds callgrind's cache and branch simulation (``D1mr``,
+    ``ILmr``, ``Bcm``, ... : misses the instruction count hides), about twice as slow.
+    """
     work = keep or Path(tempfile.mkdtemp(prefix="sidecar-callgrind-"))
     work.mkdir(parents=True, exist_ok=True)
     up_port, port = _free_port(), _free_port()
@@ -151,6 +159,7 @@ def measure(
         sidecar = subprocess.Popen(
             [
                 "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                *(["--cache-sim=yes", "--branch-sim=yes"] if simulate else []),
                 python, "-m", "proxy", "serve",
                 "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{up_port}",
                 *(["--config", str(config)] if config else []),
@@ -169,7 +178,8 @@ def measure(
         bad = [s for s in statuses if s != 200]
         if bad or len(statuses) != requests:
             raise RuntimeError(f"{len(statuses)} answers, not 200: {bad[:5]}")
-        return _totals(str(work / "callgrind.out.*")) / requests
+        totals = _totals(str(work / "callgrind.out.*"))
+        return {event: count / requests for event, count in totals.items()}
     finally:
         for proc in reversed(procs):
             with_group = os.getpgid(proc.pid) if proc.poll() is None else None
@@ -194,6 +204,7 @@ def main() -> None:
     p.add_argument("--keep", type=Path, help="keep the dumps here (for callgrind_annotate)")
     p.add_argument("--python", help="the interpreter (default: the tree's .venv/bin/python)")
     p.add_argument("--config", type=Path, help="a config file (default: the shipped defaults)")
+    p.add_argument("--simulate", action="store_true", help="also count cache and branch misses")
     args = p.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
@@ -206,8 +217,11 @@ def main() -> None:
         args.keep,
         args.python,
         args.config.resolve() if args.config else None,
+        args.simulate,
     )
-    print(f"{args.tree} {args.workload}: {per:,.0f} instructions/request")
+    print(f"{args.tree} {args.workload}: {per['Ir']:,.0f} instructions/request")
+    if args.simulate:
+        print("  per request: " + ", ".join(f"{e} {n:,.0f}" for e, n in per.items() if e != "Ir"))
 
 
 if __name__ == "__main__":
