@@ -322,7 +322,7 @@ class RateLimiter:
         now = self._clock()
         g = self._global
         e = self._scopes.get(endpoint) or self._scope(endpoint, now)
-        if not g.limiting and not e.limiting:
+        if not g.limiting and not e.limiting:  # counted as try_enter counts it, inline
             if now >= g.edge:
                 g.advance(now)
             g.sent[g.idx] += 1
