@@ -443,7 +443,11 @@ class ClientConnection(asyncio.Protocol):
         self._req: Request | None = None  # the request being parsed
         self._current: Request | None = None  # the request being answered
         self._url = b""
-        self._head_bytes = 0  # head (or, after it, trailer) bytes seen by the callbacks
+        # The head's size is its kept lines (self._head) plus what the callbacks count here: the
+        # request line and the fields not kept (or, after the head, the trailers).
+        self._head_bytes = 0
+        self._summed_lines = 0  # the head's first lines, whose bytes are in _summed_bytes
+        self._summed_bytes = 0
         self._stalled_bytes = 0  # bytes fed since a callback last saw any progress
         self._body_bytes = 0
         self._body_parts: list[bytes] = []  # the buffered body being read (emptied when taken)
@@ -480,7 +484,7 @@ class ClientConnection(asyncio.Protocol):
         if self._input_done:
             return  # after a closing request or a refusal nothing more is read
         req = self._req
-        seen = self._head_bytes + self._body_bytes
+        seen = self._head_bytes + self._body_bytes + len(self._head)
         try:
             self._parser.feed_data(data)
         except _Reject as rej:
@@ -492,14 +496,29 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
             return
-        if req is not None and req is self._req and self._head_bytes + self._body_bytes == seen:
+        if (
+            req is not None
+            and req is self._req
+            and self._head_bytes + self._body_bytes + len(self._head) == seen
+        ):
             # Nothing completed: httptools is holding a partial header or trailer line (or a
             # chunk-size line). Count it, or a line that never ends would grow without bound.
             self._stalled_bytes += len(data)
-            if self._stalled_bytes + self._head_bytes > self._server.max_header_bytes:
-                self._refuse(self._too_large_head(), 431)
         else:
             self._stalled_bytes = 0
+        if self._in_trailers:  # the head is complete (checked then): trailers, or no request
+            if self._stalled_bytes + self._head_bytes > self._server.max_header_bytes:
+                self._refuse(self._too_large_head(), 431)
+        elif self._stalled_bytes + self._head_size() > self._server.max_header_bytes:
+            self._refuse(self._too_large_head(), 431)
+
+    def _head_size(self) -> int:
+        """The bytes of the head being read so far (each kept line summed once)."""
+        head, summed = self._head, self._summed_lines
+        if len(head) > summed:
+            self._summed_bytes += sum(map(len, head[summed:]))
+            self._summed_lines = len(head)
+        return self._summed_bytes + self._head_bytes
 
     def _parse_error(self, exc: httptools.HttpParserError) -> None:
         cause = exc.__context__
@@ -623,8 +642,7 @@ class ClientConnection(asyncio.Protocol):
         self._req = req = Request()
         self._head = req.head
         self._url = b""
-        self._head_bytes = 0
-        self._body_bytes = 0
+        self._head_bytes = self._summed_lines = self._summed_bytes = self._body_bytes = 0
         self._in_trailers = False
         self._hop_names = None
         if self._deadline_kind != _HEAD:
@@ -640,28 +658,35 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(self._too_large_head(), 431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self._server.max_header_bytes:
-            raise _Reject(self._too_large_head(), 431)
+        # A kept field is counted as its line, once the head is complete or a read ends in it
+        # (on_headers_complete, data_received): no count per field. Any field not kept is
+        # counted here, so the head's size limit holds for every byte of it.
         if self._in_trailers:
-            return  # trailers never become headers, nor name hop-by-hop headers (dropped)
+            # Trailers never become headers, nor name hop-by-hop headers (dropped).
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > self._server.max_header_bytes:
+                raise _Reject(self._too_large_head(), 431)
+            return
         # A line made by a join costs about 300 instructions less than by b"%b: %b\r\n" (and
         # as little as keeping the four pieces in the head, which the upstream join then pays).
         if name in _PASS_EXACT:  # what SDKs send, in the case they send it
             self._head.append(b"".join((name, b": ", value, b"\r\n")))
             return
         if name == b"Host":  # dropped with nothing to note (the sidecar sets its own)
+            self._head_bytes += len(value) + 8
             return
         req = self._req
         assert req is not None
         if name == b"Content-Length" and req.content_length is None and value.isdigit():
             # As SDKs spell it, the first and plain digits: what door.check_content_length
             # lets through, without lower-casing the name or calling the check (every POST).
+            self._head_bytes += len(value) + 18
             req.content_length = int(value)
             return
         # Authorization as SDKs spell it is not lower-cased (and hashed) again.
         lname = b"authorization" if name == b"Authorization" else name.lower()
         if lname in _DROP:
+            self._head_bytes += len(name) + len(value) + 4
             if lname == b"content-length":  # here, not in _hop_header: a call less per POST
                 refusal = door.check_content_length(value, req.content_length)
                 if refusal is not None:
@@ -672,7 +697,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if lname == b"idempotency-key":
             if not value.strip():
-                return  # an empty key is no key: dropped, so the sidecar injects a real one
+                # An empty key is no key: dropped, so the sidecar injects a real one.
+                self._head_bytes += len(name) + len(value) + 4
+                return
             req.idempotency_key = value
         elif lname == b"authorization":
             req.auth_at = len(req.head) if req.authorization is None else -2
@@ -698,6 +725,9 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         req = self._req
         assert req is not None
+        server = self._server
+        if sum(map(len, req.head)) + self._head_bytes > server.max_header_bytes:
+            raise _Reject(self._too_large_head(), 431)
         self._in_trailers = True
         self._head_bytes = 0  # from here on it counts trailer bytes
         parser = self._parser
@@ -718,7 +748,6 @@ class ClientConnection(asyncio.Protocol):
             _drop_named(req, hop)
         req.method = method = _METHODS[parser.get_method()]
         req.target = target = self._url
-        server = self._server
         req.path, refusal = door.check_request(
             method,
             target,

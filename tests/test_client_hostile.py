@@ -120,6 +120,63 @@ async def test_header_line_that_never_ends_gets_431_at_the_limit(raw_upstream, m
     assert up.received == []
 
 
+async def fields_until_refused(raw_upstream, make_sidecar, line: bytes, limit: int) -> tuple[bytes, int]:
+    """Send a head that never ends, ``line`` after ``line``, each its own read: (answer, bytes sent)."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url, server={"max_header_bytes": limit})
+    reader, writer = await open_raw(sc.port)
+    writer.write(b"GET /v1/customers HTTP/1.1\r\n")
+    await poll(lambda: len(sc.server.connections) == 1 and the_connection(sc)._req is not None, what="the head to start")
+    conn = the_connection(sc)
+
+    def state() -> tuple[int, int, int]:
+        return conn._stalled_bytes, conn._head_bytes, len(conn._head)
+
+    sent = 28
+    while not conn.closed and sent < 1 << 20:
+        before = state()
+        writer.write(line)
+        sent += len(line)
+        # httptools hands a field over when the next one starts; either way the read shows.
+        await poll(lambda b=before: conn.closed or state() != b, what="the field to be read")
+    data = await read_to_close(reader)
+    writer.close()
+    assert up.received == []
+    return data, sent
+
+
+async def test_complete_fields_one_read_each_get_431_at_the_limit(raw_upstream, make_sidecar):
+    """Whole fields, each its own read, kept (User-Agent) or dropped (Host): 431 once past the limit.
+
+    Kept fields are summed when a read ends inside the head, dropped ones counted as they come:
+    a head that never ends is refused within two fields of max_header_bytes either way (httptools
+    hands a field over when the next one starts).
+    """
+    kept, dropped = b"User-Agent: " + b"u" * 100 + b"\r\n", b"Host: " + b"h" * 100 + b"\r\n"
+    # A dropped field between kept ones: every read completes a kept field, so only counting the
+    # dropped one as it comes holds the limit (a read that completes none counts all it holds).
+    for line in (kept, dropped + b"User-Agent: u\r\n"):
+        data, sent = await fields_until_refused(raw_upstream, make_sidecar, line, 4096)
+        assert data.startswith(b"HTTP/1.1 431 "), (line[:10], data[:80])
+        assert b"sidecar_headers_too_large" in data
+        assert 4096 < sent <= 4096 + 2 * len(line), (line[:10], sent)
+
+
+async def test_a_head_of_many_small_fields_in_one_read_gets_431(raw_upstream, make_sidecar):
+    """A head past the limit in one read, of fields SDKs send (kept without a count each): 431."""
+    up = await raw_upstream(lambda r: OK)
+    sc = await make_sidecar(up.url, server={"max_header_bytes": 2048})
+    fields = b"Stripe-Version: 2024-06-20\r\n" * 80  # 2,240 bytes
+    answers, closed = await exchange(sc.port, b"GET /v1/customers HTTP/1.1\r\n" + fields + b"\r\n", check_closed=True)
+    assert answers[0].status == 431
+    assert closed and up.received == []
+    # One field fewer than the limit allows passes.
+    fields = b"Stripe-Version: 2024-06-20\r\n" * 70
+    answers, _ = await exchange(sc.port, b"GET /v1/customers HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
+    assert answers[0].status == 200
+    assert len(up.received) == 1
+
+
 async def test_trailer_line_that_never_ends_gets_431(raw_upstream, make_sidecar):
     """A chunked upload whose trailer value never ends gets a Stripe-shaped 431, not a bare close."""
     up = await raw_upstream(lambda r: OK)
