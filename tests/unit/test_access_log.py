@@ -1,4 +1,7 @@
-"""The access-log line: valid JSON, exact fields, written whole, nothing lost at flush."""
+"""The access-log line: valid JSON, exact fields, written whole, nothing lost at flush.
+
+The lines come from the built-in observer, as the sidecar writes them.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,11 @@ import io
 import json
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from proxy.log import Logger
-from proxy.observers import AccessLog
+from proxy.metrics import Metrics
+from proxy.observers import BuiltinObserver
 from proxy.records import RequestRecord
 
 
@@ -38,12 +43,17 @@ def _record(**changes: object) -> RequestRecord:
     return RequestRecord(**fields)  # type: ignore[arg-type]
 
 
+def _observer(log: Logger) -> BuiltinObserver:
+    """The sidecar's observer, writing to ``log`` (and counting into a registry of its own)."""
+    return BuiltinObserver(Metrics(CollectorRegistry()), log)
+
+
 def _lines(*records: RequestRecord, clock: _Clock | None = None) -> list[str]:
     out = io.StringIO()
     log = Logger(out, clock=clock or _Clock(1_764_504_000.5))
-    access = AccessLog(log)
+    observer = _observer(log)
     for record in records:
-        access.request(record)
+        observer.request(record)
     log.flush()
     return out.getvalue().splitlines()
 
@@ -86,10 +96,10 @@ def test_the_timestamp_follows_the_clock_across_milliseconds_and_seconds():
     clock = _Clock(1_764_504_000.9985)
     out = io.StringIO()
     log = Logger(out, clock=clock)
-    access = AccessLog(log)
+    observer = _observer(log)
     for now in (1_764_504_000.9985, 1_764_504_000.9987, 1_764_504_000.9995, 1_764_504_001.0005):
         clock.now = now
-        access.request(_record())
+        observer.request(_record())
     log.flush()
     stamps = [json.loads(line)["ts"] for line in out.getvalue().splitlines()]
     assert stamps == [
@@ -104,9 +114,9 @@ def test_a_full_buffer_writes_whole_lines_and_flush_writes_the_rest():
     """Lines are buffered, written whole when the buffer fills, and none is lost at flush."""
     out = io.StringIO()
     log = Logger(out, clock=_Clock(1_764_504_000.0))
-    access = AccessLog(log)
+    observer = _observer(log)
     for i in range(700):
-        access.request(_record(attempts=i))
+        observer.request(_record(attempts=i))
     written = out.getvalue()
     assert written.endswith("\n") and written.count("\n") == 512
     log.flush()

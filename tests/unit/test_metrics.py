@@ -1,8 +1,13 @@
-"""Metric families on prometheus_client's own types: exact buckets, children resolved once."""
+"""Metric families on prometheus_client's own types: exact buckets, children resolved once.
+
+Answers and attempts are counted as the sidecar counts them, by records through the built-in
+observer.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 
 import pytest
@@ -10,9 +15,27 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.log import Logger
 from proxy.metrics import CONTENT_TYPE, LATENCY_BUCKETS, Metrics, add_observations
+from proxy.observers import BuiltinObserver
+from proxy.records import AttemptRecord, RequestRecord
 
 OP = "GET /v1/customers/{customer}"
+
+
+def _observer(metrics: Metrics) -> BuiltinObserver:
+    """The built-in observer counting into ``metrics`` (no access lines)."""
+    return BuiltinObserver(metrics, Logger(io.StringIO(), access_log=False))
+
+
+def _answer(duration: float, status: int = 200, outcome: str = "success", *, op: str = OP, key_injected: bool = False) -> RequestRecord:
+    """An answer after one attempt: no fail-fast, no budget, no limiter wait."""
+    return RequestRecord(op, op.split(" ", 1)[0], status, outcome, 1, duration, None, None, key_injected, "answered", 0.0)
+
+
+def _attempt(duration: float, outcome: str = "success", *, op: str = OP) -> AttemptRecord:
+    """A final attempt (no retry follows)."""
+    return AttemptRecord(op, 1, outcome, 200, None, None, None, None, duration, None)
 
 
 def _bucket(reg: CollectorRegistry, family: str, le: str) -> float | None:
@@ -23,12 +46,12 @@ def _bucket(reg: CollectorRegistry, family: str, le: str) -> float | None:
 def test_an_observation_on_a_bucket_boundary_lands_in_that_bucket(family):
     """le is inclusive: 0.1 counts in le=0.1, a hair above in le=0.25, above 30 only in +Inf."""
     reg = CollectorRegistry()
-    op = Metrics(reg).operation(OP)
+    observer = _observer(Metrics(reg))
     for value in (0.1, 0.1000001, 31.0):
         if family.endswith("request_duration_seconds"):
-            op.request(200, "success", value)
+            observer.request(_answer(value))
         else:
-            op.attempt("success", value)
+            observer.attempt(_attempt(value))
     assert _bucket(reg, family, "0.05") == 0
     assert _bucket(reg, family, "0.1") == 1
     assert _bucket(reg, family, "0.25") == 2
@@ -41,9 +64,9 @@ def test_an_observation_on_a_bucket_boundary_lands_in_that_bucket(family):
 def test_every_bucket_bound_is_inclusive():
     """Each configured bound, observed once, lands exactly in its own bucket (cumulative i+1)."""
     reg = CollectorRegistry()
-    op = Metrics(reg).operation(OP)
+    observer = _observer(Metrics(reg))
     for bound in LATENCY_BUCKETS:
-        op.request(200, "success", bound)
+        observer.request(_answer(bound))
     for i, bound in enumerate(LATENCY_BUCKETS):
         assert _bucket(reg, "stripe_sidecar_request_duration_seconds", str(bound)) == i + 1
 
@@ -51,13 +74,12 @@ def test_every_bucket_bound_is_inclusive():
 def test_requests_attempts_and_keys_are_counted_by_their_labels():
     """Status classes, outcomes and injected keys land on their own labelled series."""
     reg = CollectorRegistry()
-    m = Metrics(reg)
-    op = m.operation("POST /v1/customers/{customer}")
-    op.request(200, "success", 0.01)
-    op.request(201, "success", 0.01)
-    op.request(402, "card_declined", 0.01)
-    op.attempt("timeout", 0.5)
-    op.key_injected()
+    observer = _observer(Metrics(reg))
+    post = "POST /v1/customers/{customer}"
+    observer.request(_answer(0.01, op=post, key_injected=True))
+    observer.request(_answer(0.01, 201, op=post))
+    observer.request(_answer(0.01, 402, "card_declined", op=post))
+    observer.attempt(_attempt(0.5, "timeout", op=post))
     labels = {"operation": "POST /v1/customers/{customer}", "method": "POST"}
     assert reg.get_sample_value("stripe_sidecar_requests_total", {**labels, "status_class": "2xx", "outcome": "success"}) == 2
     assert reg.get_sample_value("stripe_sidecar_requests_total", {**labels, "status_class": "4xx", "outcome": "card_declined"}) == 1
@@ -81,9 +103,9 @@ def test_hot_path_children_are_resolved_once(monkeypatch):
     reg = CollectorRegistry()
     m = Metrics(reg)
     op = m.operation(OP)
-    op.request(200, "success", 0.01)
-    op.attempt("success", 0.01)
-    op.key_injected()
+    observer = _observer(m)
+    observer.request(_answer(0.01, key_injected=True))
+    observer.attempt(_attempt(0.01))
     generate_latest(reg)
 
     def no_lookup(*_: object) -> None:
@@ -91,9 +113,8 @@ def test_hot_path_children_are_resolved_once(monkeypatch):
 
     for family in (m.requests, m.attempts, m.request_duration, m.attempt_duration, m.keys_injected):
         monkeypatch.setattr(family, "labels", no_lookup)
-    op.request(200, "success", 0.02)
-    op.attempt("success", 0.02)
-    op.key_injected()
+    observer.request(_answer(0.02, key_injected=True))
+    observer.attempt(_attempt(0.02))
     assert m.operation(OP) is op
     assert reg.get_sample_value("stripe_sidecar_idempotency_keys_injected_total", {"operation": OP}) == 2
     assert reg.get_sample_value("stripe_sidecar_upstream_attempts_total", {"operation": OP, "outcome": "success"}) == 2
@@ -103,9 +124,9 @@ def test_counting_touches_no_child_until_the_registry_is_collected():
     """The hot path only adds plain numbers; a scrape (any collect) moves them, exactly once."""
     reg = CollectorRegistry()
     m = Metrics(reg)
-    op = m.operation(OP)
+    observer = _observer(m)
     for _ in range(3):
-        op.request(200, "success", 0.01)
+        observer.request(_answer(0.01))
     assert [f.samples for f in m.requests.collect()] == [[]]  # the family alone: nothing moved yet
     assert reg.get_sample_value("stripe_sidecar_requests_total", {"operation": OP, "method": "GET", "status_class": "2xx", "outcome": "success"}) == 3
     assert reg.get_sample_value("stripe_sidecar_requests_total", {"operation": OP, "method": "GET", "status_class": "2xx", "outcome": "success"}) == 3
@@ -116,11 +137,11 @@ async def test_a_render_in_the_worker_thread_never_moves_counts():
     """Only the owner thread moves counts: render_async moves them before the worker renders."""
     reg = CollectorRegistry()
     m = Metrics(reg)
-    op = m.operation(OP)
-    op.attempt("success", 0.01)
+    observer = _observer(m)
+    observer.attempt(_attempt(0.01))
     text = (await m.render_async()).decode()
     assert 'stripe_sidecar_upstream_attempts_total{operation="GET /v1/customers/{customer}",outcome="success"} 1.0' in text
-    op.attempt("success", 0.01)
+    observer.attempt(_attempt(0.01))
     text = (await asyncio.to_thread(m.render)).decode()  # another thread: the count stays put
     assert 'stripe_sidecar_upstream_attempts_total{operation="GET /v1/customers/{customer}",outcome="success"} 1.0' in text
     assert reg.get_sample_value("stripe_sidecar_upstream_attempts_total", {"operation": OP, "outcome": "success"}) == 2
@@ -138,14 +159,14 @@ def test_counted_observations_expose_exactly_what_observe_does(flushes):
     direct_req = direct.request_duration.labels(OP)
     direct_att = direct.attempt_duration.labels(OP)
     counted = Metrics(counted_reg)
-    op = counted.operation(OP)
+    observer = _observer(counted)
     for i, value in enumerate(values):
         direct_req.observe(value)
         direct_att.observe(value)
         direct.requests.labels(OP, "GET", "2xx", "success").inc()
         direct.attempts.labels(OP, "success").inc()
-        op.request(200, "success", value)
-        op.attempt("success", value)
+        observer.request(_answer(value))
+        observer.attempt(_attempt(value))
         if flushes > 1 and i % (len(values) // flushes) == 0:
             counted.flush()
     direct_text = generate_latest(direct_reg).decode().splitlines()
@@ -182,7 +203,7 @@ async def test_concurrent_renders_share_one_pass_and_parse():
     """Two scrapes at once collect once, off the loop, and both get the full parseable text."""
     reg = CollectorRegistry()
     m = Metrics(reg)
-    m.operation(OP).request(200, "success", 0.01)
+    _observer(m).request(_answer(0.01))
     entered, gate = threading.Event(), threading.Event()
     calls = []
 
@@ -211,9 +232,9 @@ async def test_concurrent_renders_share_one_pass_and_parse():
 def test_latency_buckets_are_the_documented_ones():
     """Both latency histograms expose exactly these bounds (dashboards and alerts depend on them)."""
     reg = CollectorRegistry()
-    op = Metrics(reg).operation(OP)
-    op.request(200, "success", 0.01)
-    op.attempt("success", 0.01)
+    observer = _observer(Metrics(reg))
+    observer.request(_answer(0.01))
+    observer.attempt(_attempt(0.01))
     expected = ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "30.0", "+Inf"]
     histograms = {f.name: [s.labels["le"] for s in f.samples if s.name.endswith("_bucket")] for f in reg.collect() if f.type == "histogram"}
     assert histograms == {
