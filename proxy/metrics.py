@@ -3,21 +3,21 @@
 Labels are bounded: operation names (``POST /v1/customers/{customer}``, see :mod:`proxy.routes`),
 outcome names, status classes, breaker scopes. Never IDs, keys or raw paths.
 
-Every family is one of prometheus_client's own types. The per-request families (requests,
-attempts, their latency histograms, injected keys) are counted on the hot path in plain numbers
-per operation (:class:`OperationMetrics`): a dict add and a bisect, no lock, no child. Whenever the
-registry is collected (a scrape, ``get_sample_value``) those counts move into the library's
-children first (:meth:`Metrics.flush`), so every reader sees every request counted. The in-flight
-gauge reads a plain integer the pipeline keeps (``Metrics.in_flight``). Counts are kept and moved
-by the thread that made the :class:`Metrics` (the event loop's); ``/metrics`` moves them there and
-then renders in a worker thread, so the loop stays free (:meth:`Metrics.render_async`).
+Every family is one of prometheus_client's own types. The per-request families (requests, attempts,
+their latency histograms, injected keys) are counted on the hot path in plain numbers per operation
+(:class:`OperationMetrics`) by the built-in observer (:class:`proxy.observers.BuiltinObserver`): a
+dict add and a bisect, no lock, no child. Whenever the registry is collected (a scrape,
+``get_sample_value``) those counts move into the library's children first (:meth:`Metrics.flush`),
+so every reader sees every request counted. The in-flight gauge reads a plain integer the pipeline
+keeps (``Metrics.in_flight``). Counts are kept and moved by the thread that made the
+:class:`Metrics` (the event loop's); ``/metrics`` moves them there and then renders in a worker
+thread, so the loop stays free (:meth:`Metrics.render_async`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from bisect import bisect_left
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -205,7 +205,11 @@ class Metrics:
 
 
 class OperationMetrics:
-    """One operation's per-request counts, kept in plain numbers until :meth:`flush`."""
+    """One operation's per-request counts, kept in plain numbers until :meth:`flush`.
+
+    :class:`~proxy.observers.BuiltinObserver` counts each record into them; the rare families
+    (retries, fail-fast, budget, limiter waits) are counted here, straight into the children.
+    """
 
     __slots__ = (
         "_attempt_child",
@@ -230,10 +234,9 @@ class OperationMetrics:
         self._operation = operation
         self._method = operation.split(" ", 1)[0]
         # Pending counts since the last flush: answers by outcome and status // 100 (two dicts:
-        # cheaper than hashing a tuple key twice per answer), attempts by
-        # outcome, observations per latency bucket (``bisect_left(BOUNDS, seconds)``) and their
-        # sums, injected keys. Counted by request() and attempt(), and by the built-in observer
-        # (proxy.observers) straight in (one Python call fewer per record).
+        # cheaper than hashing a tuple key twice per answer), attempts by outcome, observations
+        # per latency bucket (``bisect_left(BOUNDS, seconds)``) and their sums, injected keys.
+        # The built-in observer (proxy.observers) adds to them inline: no call per record.
         self.request_counts: dict[str, dict[int, int]] = {}  # outcome -> status // 100 -> n
         self.attempt_counts: dict[str, int] = {}
         self.request_buckets = [0] * len(_BOUNDS)
@@ -248,36 +251,6 @@ class OperationMetrics:
         self._requests_children: dict[tuple[int, str], Counter] = {}
         self._attempts_children: dict[str, Counter] = {}
         self._key_child: Counter | None = None
-
-    def request(
-        self, status: int, outcome: str, duration: float, key_injected: bool = False
-    ) -> None:
-        """Count one answered client request (and its injected Idempotency-Key, if any).
-
-        :class:`~proxy.observers.BuiltinObserver` counts the same inline on the hot path (a
-        call less per record); ``tests/unit/test_observers.py`` holds the two to one result, so
-        a change here is a change there.
-        """
-        by_class = self.request_counts.get(outcome)
-        if by_class is None:
-            by_class = self.request_counts[outcome] = {}
-        status_class = status // 100
-        by_class[status_class] = by_class.get(status_class, 0) + 1
-        self.request_buckets[bisect_left(_BOUNDS, duration)] += 1
-        self.request_sum += duration
-        if key_injected:
-            self.key_count += 1
-
-    def attempt(self, outcome: str, duration: float) -> None:
-        """Count one attempt to Stripe (inline in BuiltinObserver too: see :meth:`request`)."""
-        attempts = self.attempt_counts
-        attempts[outcome] = attempts.get(outcome, 0) + 1
-        self.attempt_buckets[bisect_left(_BOUNDS, duration)] += 1
-        self.attempt_sum += duration
-
-    def key_injected(self) -> None:
-        """Count an injected Idempotency-Key (only POSTs get keys: no 0 series for GETs)."""
-        self.key_count += 1
 
     def flush(self) -> None:
         """Move the pending counts into the library's children, and start again from zero."""

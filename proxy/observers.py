@@ -10,7 +10,7 @@ from proxy.metrics import BOUNDS, Metrics, OperationMetrics
 from proxy.records import AttemptRecord, RequestRecord
 from proxy.retry import GiveUp
 
-__all__ = ["AccessLog", "BuiltinObserver"]
+__all__ = ["BuiltinObserver"]
 
 _BUDGET = GiveUp.BUDGET.value
 # The sidecar's own answers given before any send, counted as fail-fast by reason.
@@ -29,12 +29,12 @@ class _Operation:
 
 
 class BuiltinObserver:
-    """Prometheus metrics and the access log, as one observer.
+    """Prometheus metrics and the access log, as one observer: where records are counted.
 
-    One Python call per record where a metrics observer and an access-log observer made three
-    to five (each call costs about what its counting does): the counts go straight into the
-    operation's pending counts (as :meth:`~proxy.metrics.OperationMetrics.attempt` and
-    :meth:`~proxy.metrics.OperationMetrics.request` count them), and the logger formats the line.
+    Each record is counted straight into its operation's pending counts
+    (:class:`~proxy.metrics.OperationMetrics`, moved into the library's children when the registry
+    is collected), inline: one Python call per record, as a call costs about what its counting
+    does. The logger formats the access line and the ``retry_scheduled`` event.
     """
 
     __slots__ = ("_access", "_log", "_metrics", "_ops")
@@ -86,44 +86,6 @@ class BuiltinObserver:
             m.limiter_wait(wait)
         if self._access:
             self._log.access(op.name, status, outcome, attempts, duration, rid, injected)
-
-
-class AccessLog:
-    """Writes the one ``request`` log line per answer and a ``retry_scheduled`` per retry.
-
-    The access log alone; the sidecar runs :class:`BuiltinObserver`, which writes the same.
-    """
-
-    __slots__ = ("_access", "_log", "_names")
-
-    def __init__(self, log: Logger) -> None:
-        self._log = log
-        self._access = log.access_enabled
-        self._names: dict[str, str] = {}  # operation -> its JSON string, encoded once
-
-    def attempt(self, record: AttemptRecord) -> None:
-        """Log a scheduled retry."""
-        if record.retry_in is not None:
-            log_retry(self._log, record)
-
-    def request(self, record: RequestRecord) -> None:
-        """Log the answer."""
-        if not self._access:
-            return
-        name = self._names.get(record.operation)
-        if name is None:
-            name = encode_basestring_ascii(record.operation)
-            if len(self._names) < _MAX_NAMES:
-                self._names[record.operation] = name
-        self._log.access(
-            name,
-            record.status,
-            record.outcome,
-            record.attempts,
-            record.duration,
-            record.request_id,
-            record.key_injected,
-        )
 
 
 def log_retry(log: Logger, record: AttemptRecord) -> None:
