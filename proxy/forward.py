@@ -155,6 +155,37 @@ class Call:
 class Forwarder:
     """Forwards Stripe API requests with Stripe-aware retries, breakers and limits."""
 
+    __slots__ = (
+        "_clock",
+        "_host_breaker",
+        "_inject",
+        "_key_count",
+        "_key_line_base",
+        "_learn_auth",
+        "_on_attempt",
+        "_on_key_failover",
+        "_on_request",
+        "_ops",
+        "_rand",
+        "_sending",
+        "_sleep",
+        "_wall",
+        "budget",
+        "bulkhead",
+        "config",
+        "deadlines",
+        "fleet_auth",
+        "host_breaker",
+        "keys",
+        "limiter",
+        "log",
+        "metrics",
+        "outbox",
+        "pools",
+        "respond",
+        "router",
+    )
+
     def __init__(
         self,
         config: Config,

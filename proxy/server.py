@@ -247,6 +247,34 @@ class Server:
     ``closing`` (listener closed, every answer closes its connection), then the grace end.
     """
 
+    __slots__ = (
+        "_on_overload",
+        "_server",
+        "body_deadline",
+        "body_timeout",
+        "clock",
+        "closing",
+        "connections",
+        "deadlines",
+        "forward",
+        "handler",
+        "header_timeout",
+        "idle_event",
+        "idle_timeout",
+        "max_body_bytes",
+        "max_buffered_body",
+        "max_connections",
+        "max_header_bytes",
+        "operator_paths",
+        "overflow",
+        "overloaded",
+        "overloaded_answer",
+        "stopping",
+        "tasks",
+        "trailer_timeout",
+        "write_timeout",
+    )
+
     def __init__(
         self,
         handler: Handler,
@@ -434,6 +462,40 @@ class Server:
 
 class ClientConnection(asyncio.Protocol):
     """One client connection: parse, police, queue, answer in order."""
+
+    __slots__ = (
+        "_body_by",
+        "_body_bytes",
+        "_body_full",
+        "_body_parts",
+        "_current",
+        "_deadline_kind",
+        "_drain_waiters",
+        "_eof",
+        "_head",
+        "_head_bytes",
+        "_hop_names",
+        "_in_trailers",
+        "_input_done",
+        "_loop",
+        "_parser",
+        "_pending_refusal",
+        "_queue",
+        "_reading_paused",
+        "_req",
+        "_server",
+        "_stalled_bytes",
+        "_streaming",
+        "_summed_bytes",
+        "_summed_lines",
+        "_url",
+        "_write_paused",
+        "busy",
+        "closed",
+        "deadline",
+        "overloaded",
+        "transport",
+    )
 
     def __init__(self, server: Server) -> None:
         self._server = server

@@ -195,6 +195,36 @@ class BodySource(Protocol):
 class Connection(asyncio.Protocol):
     """One keep-alive connection to an origin and the parser for its answers."""
 
+    __slots__ = (
+        "_buffered",
+        "_chunked",
+        "_drain_waiter",
+        "_fields_counted",
+        "_framing",
+        "_head_request",
+        "_head_room",
+        "_in_head",
+        "_loop",
+        "_parser",
+        "_pool",
+        "_reading_paused",
+        "_release_pending",
+        "_reset_parser",
+        "_resp",
+        "_sending",
+        "_sink",
+        "_stream_end",
+        "_transport",
+        "_waiter",
+        "_write_paused",
+        "closed",
+        "deadline",
+        "idle_since",
+        "keep_alive",
+        "reused",
+        "stream_idle",
+    )
+
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self._loop = pool.loop
@@ -760,6 +790,23 @@ _PASS_EXACT = frozenset(
 
 class Pool:
     """Idle keep-alive connections to one origin, and the way to get a fresh one."""
+
+    __slots__ = (
+        "_create_connection",
+        "_idle",
+        "_ssl",
+        "buffer_limit",
+        "clock",
+        "connect_timeout",
+        "deadlines",
+        "idle_timeout",
+        "loop",
+        "max_header_bytes",
+        "max_headers",
+        "max_idle",
+        "origin",
+        "stall_timeout",
+    )
 
     def __init__(
         self,

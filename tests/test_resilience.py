@@ -10,6 +10,8 @@ from rawupstream import Received, held, json_answer
 from test_timeouts import until
 from unit.fakeclock import FakeClock
 
+from proxy.forward import Forwarder
+
 OK = json_answer(200, b'{"id":"pi_1","object":"payment_intent"}', b"Request-Id: req_ok")
 HTML_503 = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\nContent-Length: 17\r\n\r\n"
@@ -496,7 +498,7 @@ async def test_empty_idempotency_key_is_replaced_by_a_real_one(raw_upstream, mak
     assert all(sum(1 for n, _ in r.headers if n.lower() == b"idempotency-key") == 1 for r in up.received)
 
 
-async def test_an_internal_error_gives_its_half_open_probe_back(raw_upstream, make_sidecar):
+async def test_an_internal_error_gives_its_half_open_probe_back(raw_upstream, make_sidecar, monkeypatch):
     """A bug that costs a half-open probe its answer must not keep the breaker from probing again."""
     healthy = False
     up = await raw_upstream(lambda r: OK if healthy else HTML_503)
@@ -514,14 +516,13 @@ async def test_an_internal_error_gives_its_half_open_probe_back(raw_upstream, ma
     clock.advance(30.0)
     assert breaker.retry_after() == 0
     healthy = True
-    real_make_safe = sc.forwarder._make_safe
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug after admission, with the probe's permit taken")
 
-    sc.forwarder._make_safe = broken
+    monkeypatch.setattr(Forwarder, "_make_safe", broken)
     answers, _ = await exchange(sc.port, GET)  # the probe: the bug answers 500
     assert answers[0].json()["error"]["code"] == "sidecar_internal_error"
-    sc.forwarder._make_safe = real_make_safe
+    monkeypatch.undo()
     answers, _ = await exchange(sc.port, GET)  # the slot came back: a new probe goes through
     assert answers[0].status == 200
