@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import ab  # noqa: E402
 import run  # noqa: E402
+from workloads import WORKLOADS, cpu_delta, cpu_seconds  # noqa: E402
 
 
 def _pin(pid: int, cpu: str) -> None:
@@ -41,7 +43,8 @@ def _load(
 ) -> dict[str, float]:
     """Load every target at once; CPU microseconds per request of each."""
     assert env.wrk is not None
-    before = {t.name: run.cpu_seconds(t.pid) for t in targets}
+    pids = {t.name: t.pid for t in targets if t.pid is not None}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     wrk = ["taskset", "-c", "1", env.wrk, "-t1", f"-c{connections}", f"-d{seconds}s"]
     wrks = {
         t.name: subprocess.Popen(
@@ -52,7 +55,7 @@ def _load(
         for t in targets
     }
     outs = {name: p.communicate(timeout=seconds + 60)[0] for name, p in wrks.items()}
-    after = {t.name: run.cpu_seconds(t.pid) for t in targets}
+    after = {name: cpu_seconds(pid) for name, pid in pids.items()}
     per: dict[str, float] = {}
     for name, out in outs.items():
         m = re.search(r"^WRKJSON (.*)$", out, re.M)
@@ -61,7 +64,7 @@ def _load(
         summary = json.loads(m.group(1))
         if summary["status"] or summary["connect"] or summary["timeout"]:
             raise RuntimeError(f"{name}: errors under load: {summary}")
-        per[name] = run.cpu_delta(before[name], after[name]) / summary["requests"] * 1e6
+        per[name] = cpu_delta(before[name], after[name]) / summary["requests"] * 1e6
     return per
 
 
@@ -73,10 +76,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--seconds", type=int, default=3)
     p.add_argument("--connections", type=int, default=12, help="per process")
-    p.add_argument("--workload", choices=sorted(run.WORKLOADS), default="POST")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="POST")
     args = p.parse_args()
-    env = run.Environment(run.shutil.which("wrk"), run.shutil.which("nginx"), None)
-    if not (env.wrk and env.nginx and run.shutil.which("taskset")):
+    env = run.Environment(shutil.which("wrk"), shutil.which("nginx"), None)
+    if not (env.wrk and env.nginx and shutil.which("taskset")):
         sys.exit("needs wrk, nginx and taskset (see README.md)")
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-paired-"))
     procs = run.Processes(workdir)
@@ -108,11 +111,12 @@ def main() -> None:
                     procs, f"{name}.{i + 1}", root, python, f"http://127.0.0.1:{up_port}", workdir,
                     Path(config).resolve() if config else None,
                 )  # fmt: skip
+                assert t.pid is not None
                 _pin(t.pid, "0")
                 targets.append(t)
                 owner[t.name] = name
         script = workdir / f"{args.workload}.lua"
-        script.write_text(run.WORKLOADS[args.workload].wrk_script())
+        script.write_text(WORKLOADS[args.workload].wrk_script())
         _load(env, targets, script, 2, args.connections)  # warm-up
         ratios: dict[str, list[float]] = {name: [] for name, *_ in variants}
         cpu: dict[str, list[float]] = {name: [] for name, *_ in variants}
