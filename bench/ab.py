@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,22 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import run  # noqa: E402
+
+
+def start_nginx(
+    env: run.Environment, procs: run.Processes, workdir: Path
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """Start nginx as the upstream (``run.nginx_conf``); its port and process once it answers."""
+    assert env.nginx is not None
+    port = run.free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(run.nginx_conf(workdir, port))
+    up = procs.start(
+        "upstream",
+        [env.nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
+    )
+    run.wait_ready(port, up, "upstream", procs)
+    return port, up
 
 
 def _start(
@@ -63,14 +80,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-ab-"))
     procs = run.Processes(workdir)
     try:
-        up_port = run.free_port()
-        conf = workdir / "nginx.conf"
-        conf.write_text(run.nginx_conf(workdir, up_port))
-        up = procs.start(
-            "upstream",
-            [env.nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
-        )
-        run.wait_ready(up_port, up, "upstream", procs)
+        up_port, _ = start_nginx(env, procs, workdir)
         upstream = f"http://127.0.0.1:{up_port}"
         targets = []
         for spec in args.variants:

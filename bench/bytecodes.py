@@ -33,7 +33,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from callgrind import _free_port, _send, _wait_port  # noqa: E402
+from callgrind import _free_port, _send, _wait_port, check_answers, start_fake_stripe, stop  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 
@@ -95,17 +95,12 @@ def measure(
 ) -> list[tuple[str, float, float]]:
     """(function, bytecodes per request, calls per request) for every function that ran."""
     work = Path(tempfile.mkdtemp(prefix="sidecar-bytecodes-"))
-    up_port, port = _free_port(), _free_port()
+    port = _free_port()
     python = python or str(tree / ".venv" / "bin" / "python")
     out = work / "counts.json"
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        upstream = subprocess.Popen(
-            [sys.executable, str(BENCH / "fake_stripe.py"), "--port", str(up_port)],
-            stdout=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        procs.append(upstream)
-        _wait_port(up_port, upstream)
+        up_port = start_fake_stripe(procs)
         sidecar = subprocess.Popen(
             [
                 python, str(Path(__file__).resolve()), "--serve-counting", str(out), "--",
@@ -123,19 +118,11 @@ def measure(
         statuses = asyncio.run(_send(port, workload, requests, connections))
         os.kill(sidecar.pid, signal.SIGUSR2)
         _await_file(out, sidecar)
-        bad = [s for s in statuses if s != 200]
-        if bad or len(statuses) != requests:
-            raise RuntimeError(f"{len(statuses)} answers, not 200: {bad[:5]}")
+        check_answers(statuses, requests)
         rows = json.loads(out.read_text())
         return [(name, n / requests, c / requests) for name, n, c in rows]
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop(procs)
 
 
 def main() -> None:

@@ -127,6 +127,36 @@ def _totals(outfile_glob: str) -> dict[str, int]:
     raise RuntimeError(f"no totals in {dumps[-1]}")
 
 
+def start_fake_stripe(procs: list[subprocess.Popen[bytes]]) -> int:
+    """Start ``bench/fake_stripe.py`` (kept in ``procs``); its port once it listens."""
+    port = _free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, str(BENCH / "fake_stripe.py"), "--port", str(port)],
+        stdout=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    procs.append(upstream)
+    _wait_port(port, upstream)
+    return port
+
+
+def check_answers(statuses: list[int], requests: int) -> None:
+    """Every request sent got a 200, or the measurement means nothing."""
+    bad = [s for s in statuses if s != 200]
+    if bad or len(statuses) != requests:
+        raise RuntimeError(f"{len(statuses)} answers, not 200: {bad[:5]}")
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop every process started (each leads its own process group), the last first."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def measure(
     tree: Path,
     workload: str,
@@ -145,16 +175,11 @@ def measure(
     """
     work = keep or Path(tempfile.mkdtemp(prefix="sidecar-callgrind-"))
     work.mkdir(parents=True, exist_ok=True)
-    up_port, port = _free_port(), _free_port()
+    port = _free_port()
     python = python or str(tree / ".venv" / "bin" / "python")
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        upstream = subprocess.Popen(
-            [sys.executable, str(BENCH / "fake_stripe.py"), "--port", str(up_port)],
-            stdout=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        procs.append(upstream)
-        _wait_port(up_port, upstream)
+        up_port = start_fake_stripe(procs)
         out = str(work / "callgrind.out.%p")
         sidecar = subprocess.Popen(
             [
@@ -175,20 +200,11 @@ def measure(
         statuses = asyncio.run(_send(port, workload, requests, connections))
         _control(sidecar.pid, "--dump")
         _control(sidecar.pid, "--instr=off")
-        bad = [s for s in statuses if s != 200]
-        if bad or len(statuses) != requests:
-            raise RuntimeError(f"{len(statuses)} answers, not 200: {bad[:5]}")
+        check_answers(statuses, requests)
         totals = _totals(str(work / "callgrind.out.*"))
         return {event: count / requests for event, count in totals.items()}
     finally:
-        for proc in reversed(procs):
-            with_group = os.getpgid(proc.pid) if proc.poll() is None else None
-            if with_group is not None:
-                os.killpg(with_group, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop(procs)
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -84,14 +84,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-paired-"))
     procs = run.Processes(workdir)
     try:
-        up_port = run.free_port()
-        conf = workdir / "nginx.conf"
-        conf.write_text(run.nginx_conf(workdir, up_port))
-        up = procs.start(
-            "upstream",
-            [env.nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
-        )
-        run.wait_ready(up_port, up, "upstream", procs)
+        up_port, up = ab.start_nginx(env, procs, workdir)
         group = subprocess.run(["pgrep", "-g", str(up.pid)], capture_output=True, text=True)
         for pid in group.stdout.split():
             _pin(int(pid), "1")  # nginx's master and worker
@@ -131,7 +124,8 @@ def main() -> None:
         print(f"| {args.workload} | CPU us/req (median) | x {first} (median, quartiles) |")
         print("|---|---:|---:|")
         for name, *_ in variants:
-            q = statistics.quantiles(ratios[name], n=4)
+            r = ratios[name]
+            q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0], r[0], r[0]]
             print(
                 f"| {name} | {statistics.median(cpu[name]):.1f} | "
                 f"{statistics.median(ratios[name]):.3f}x ({q[0]:.3f}-{q[2]:.3f}) |"
