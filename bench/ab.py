@@ -43,6 +43,16 @@ def start_nginx(
     return port, up
 
 
+def parse_variant(spec: str) -> tuple[str, Path, str, Path | None]:
+    """``NAME=TREE[:PYTHON][@CONFIG]``: the name, the tree, its interpreter, its config or None."""
+    name, _, where = spec.partition("=")
+    where, _, config = where.partition("@")
+    tree, _, python = where.partition(":")
+    root = Path(tree).resolve()
+    own = Path(config).resolve() if config else None
+    return name, root, python or str(root / ".venv/bin/python"), own
+
+
 def _start(
     procs: run.Processes,
     name: str,
@@ -84,13 +94,8 @@ def main() -> None:
         upstream = f"http://127.0.0.1:{up_port}"
         targets = []
         for spec in args.variants:
-            name, _, where = spec.partition("=")
-            where, _, own_config = where.partition("@")
-            tree, _, python = where.partition(":")
-            root = Path(tree).resolve()
-            python = python or str(root / ".venv/bin/python")
-            config = Path(own_config).resolve() if own_config else args.config
-            config = config.resolve() if config else None
+            name, root, python, own_config = parse_variant(spec)
+            config = own_config or (args.config.resolve() if args.config else None)
             targets.append(_start(procs, name, root, python, upstream, workdir, config))
         port = run.free_port()
         econf = workdir / "envoy.yaml"

@@ -88,13 +88,7 @@ def main() -> None:
         group = subprocess.run(["pgrep", "-g", str(up.pid)], capture_output=True, text=True)
         for pid in group.stdout.split():
             _pin(int(pid), "1")  # nginx's master and worker
-        variants = []
-        for spec in args.variants:
-            name, _, where = spec.partition("=")
-            where, _, config = where.partition("@")
-            tree, _, python = where.partition(":")
-            root = Path(tree).resolve()
-            variants.append((name, root, python or str(root / ".venv/bin/python"), config))
+        variants = [ab.parse_variant(spec) for spec in args.variants]
         targets: list[run.Target] = []
         owner: dict[str, str] = {}
         for i in range(args.instances):  # instance i of every variant, the order turned by i
@@ -102,7 +96,7 @@ def main() -> None:
             for name, root, python, config in variants[turn:] + variants[:turn]:
                 t = ab._start(
                     procs, f"{name}.{i + 1}", root, python, f"http://127.0.0.1:{up_port}", workdir,
-                    Path(config).resolve() if config else None,
+                    config,
                 )  # fmt: skip
                 assert t.pid is not None
                 _pin(t.pid, "0")
@@ -124,8 +118,8 @@ def main() -> None:
         print(f"| {args.workload} | CPU us/req (median) | x {first} (median, quartiles) |")
         print("|---|---:|---:|")
         for name, *_ in variants:
-            r = ratios[name]
-            q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0], r[0], r[0]]
+            got = ratios[name]
+            q = statistics.quantiles(got, n=4) if len(got) > 1 else [got[0]] * 3
             print(
                 f"| {name} | {statistics.median(cpu[name]):.1f} | "
                 f"{statistics.median(ratios[name]):.3f}x ({q[0]:.3f}-{q[2]:.3f}) |"
